@@ -1,0 +1,2 @@
+//! Starling: an XMPP server.
+pub mod xml;
