@@ -1,2 +1,3 @@
 //! Starling: an XMPP server.
 pub mod xml;
+pub mod auth;
