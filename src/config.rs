@@ -1,0 +1,303 @@
+//! Configuration: a TOML file whose every key is optional. The defaults make
+//! `cargo run` work on a fresh machine (domain `localhost`, STARTTLS on 5222,
+//! direct TLS on 5223, SQLite under `data/`, a self-signed certificate
+//! generated into `certs/`). See `starling.example.toml` for every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub c2s: C2sConfig,
+    pub tls: TlsConfig,
+    pub database: DatabaseConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Local domains (virtual hosts) served.
+    pub domains: Vec<String>,
+    /// Directory for the SQLite database and other state.
+    pub data_dir: PathBuf,
+    /// JIDs with administrator rights (ad-hoc commands, announcements).
+    pub admins: Vec<String>,
+    /// How long to wait for streams to close on shutdown, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct C2sConfig {
+    /// Listeners with STARTTLS (RFC 6120), usually port 5222.
+    pub starttls: Vec<SocketAddr>,
+    /// Listeners with direct TLS (XEP-0368, ALPN `xmpp-client`), usually 5223.
+    pub direct_tls: Vec<SocketAddr>,
+    /// Require TLS before authentication (strongly recommended).
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Directory for certificates. For each domain without an explicit
+    /// certificate, `<dir>/<domain>.crt` and `<dir>/<domain>.key` are used
+    /// and generated (self-signed) if missing.
+    pub cert_dir: PathBuf,
+    /// Explicit certificate chain (PEM) and key for all domains.
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate when none exists.
+    pub generate_self_signed: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db`. Empty means
+    /// `sqlite://<data_dir>/starling.db`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest stanza (or other top-level element) in bytes.
+    pub max_stanza_bytes: usize,
+    /// Concurrent connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Concurrent connections in total.
+    pub max_connections: usize,
+    /// Seconds a connection may take to authenticate and bind.
+    pub unauthenticated_timeout_secs: u64,
+    /// Seconds without any traffic after which a session is probed with a
+    /// ping; it is closed if the ping is not answered within the same time.
+    pub idle_timeout_secs: u64,
+    /// Stanzas queued for one session before it is considered stuck.
+    pub session_queue: usize,
+    /// Resources one account may bind at the same time.
+    pub max_resources_per_user: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// PBKDF2 iteration count for new passwords.
+    pub scram_iterations: u32,
+    /// Offer PLAIN (only ever over TLS).
+    pub allow_plain: bool,
+    /// Failed attempts (per IP and per account) before throttling.
+    pub max_failures: u32,
+    /// Window for counting failures, and how long throttling lasts, seconds.
+    pub failure_window_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            c2s: C2sConfig::default(),
+            tls: TlsConfig::default(),
+            database: DatabaseConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            domains: vec!["localhost".into()],
+            data_dir: PathBuf::from("data"),
+            admins: Vec::new(),
+            shutdown_grace_secs: 5,
+        }
+    }
+}
+
+impl Default for C2sConfig {
+    fn default() -> Self {
+        C2sConfig {
+            starttls: vec!["0.0.0.0:5222".parse().expect("valid address")],
+            direct_tls: vec!["0.0.0.0:5223".parse().expect("valid address")],
+            require_tls: true,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_dir: PathBuf::from("certs"),
+            certificate: None,
+            key: None,
+            generate_self_signed: true,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: String::new(),
+            max_connections: 8,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_stanza_bytes: 256 * 1024,
+            max_connections_per_ip: 100,
+            max_connections: 19_000,
+            unauthenticated_timeout_secs: 60,
+            idle_timeout_secs: 300,
+            session_queue: 2048,
+            max_resources_per_user: 32,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            scram_iterations: 4096,
+            allow_plain: true,
+            max_failures: 5,
+            failure_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("invalid configuration in {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load a TOML file; missing keys take their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::from("<string>"), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.domains.is_empty() {
+            return Err(ConfigError::Invalid("server.domains is empty".into()));
+        }
+        for d in &self.server.domains {
+            if jid::BareJid::new(d).map(|j| j.node().is_some()).unwrap_or(true) {
+                return Err(ConfigError::Invalid(format!("invalid domain {d:?}")));
+            }
+        }
+        for a in &self.server.admins {
+            if jid::BareJid::new(a).is_err() {
+                return Err(ConfigError::Invalid(format!("invalid admin JID {a:?}")));
+            }
+        }
+        if self.limits.max_stanza_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_stanza_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.auth.scram_iterations < 4096 {
+            return Err(ConfigError::Invalid(
+                "auth.scram_iterations must be at least 4096".into(),
+            ));
+        }
+        if self.tls.certificate.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.certificate and tls.key go together".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL, with the SQLite default filled in.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!(
+                "sqlite://{}",
+                self.server.data_dir.join("starling.db").display()
+            )
+        } else {
+            self.database.url.clone()
+        }
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.server.domains.iter().any(|d| d == domain)
+    }
+
+    /// A configuration for tests: one domain, listeners on 127.0.0.1:0,
+    /// certificates and data in `dir`, in-memory-friendly limits.
+    pub fn for_tests(dir: &Path) -> Config {
+        let mut cfg = Config::default();
+        cfg.server.data_dir = dir.join("data");
+        cfg.tls.cert_dir = dir.join("certs");
+        cfg.c2s.starttls = vec!["127.0.0.1:0".parse().expect("valid address")];
+        cfg.c2s.direct_tls = vec!["127.0.0.1:0".parse().expect("valid address")];
+        cfg.server.shutdown_grace_secs = 2;
+        cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.server.domains, vec!["localhost".to_string()]);
+        assert_eq!(c.limits.max_stanza_bytes, 262_144);
+        assert_eq!(c.database_url(), "sqlite://data/starling.db");
+        assert_eq!(c.c2s.starttls[0].port(), 5222);
+        assert_eq!(c.c2s.direct_tls[0].port(), 5223);
+    }
+
+    #[test]
+    fn overrides_and_validation() {
+        let c = Config::from_toml(
+            "[server]\ndomains = ['example.org', 'example.net']\n[database]\nurl = 'postgres://x@y/z'\n",
+        )
+        .unwrap();
+        assert!(c.is_local_domain("example.net"));
+        assert_eq!(c.database_url(), "postgres://x@y/z");
+        assert!(Config::from_toml("[server]\ndomains = []").is_err());
+        assert!(Config::from_toml("[server]\ndomains = ['a@b']").is_err());
+        assert!(Config::from_toml("[server]\nbogus = 1").is_err());
+        assert!(Config::from_toml("[auth]\nscram_iterations = 10").is_err());
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../starling.example.toml");
+        Config::from_toml(text).expect("starling.example.toml must stay valid");
+    }
+}
