@@ -1,6 +1,16 @@
 //! Starling: an XMPP server.
-pub mod xml;
+//!
+//! [`server::Server::start`] runs the whole server in-process; `starling
+//! serve` (src/main.rs) and the integration tests both use it.
+
 pub mod auth;
+pub mod c2s;
 pub mod config;
+pub mod modules;
+pub mod router;
+pub mod server;
+pub mod sessions;
+pub mod stanza;
 pub mod storage;
 pub mod tls;
+pub mod xml;

@@ -75,6 +75,9 @@ pub fn to_string(el: &Element) -> String {
 
 fn write_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
     let el_ns = el.ns();
+    if el_ns == ns::STREAM {
+        return write_stream_element(out, el, parent_default);
+    }
     out.push(b'<');
     out.extend_from_slice(el.name().as_bytes());
     let inherit = el_ns == parent_default || (is_content_ns(&el_ns) && is_content_ns(parent_default));
@@ -120,6 +123,35 @@ fn write_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
         }
     }
     out.extend_from_slice(b"</");
+    out.extend_from_slice(el.name().as_bytes());
+    out.push(b'>');
+}
+
+/// Elements of the stream namespace (`stream:features`, `stream:error`) are
+/// written with the `stream:` prefix, which the stream header declares; when
+/// written standalone (WebSocket framing) the prefix is declared on them.
+fn write_stream_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
+    out.extend_from_slice(b"<stream:");
+    out.extend_from_slice(el.name().as_bytes());
+    if parent_default.is_empty() {
+        out.extend_from_slice(b" xmlns:stream='http://etherx.jabber.org/streams'");
+    }
+    for ((_, name), value) in el.attrs() {
+        out.push(b' ');
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b"='");
+        escape_attr(out, value);
+        out.push(b'\'');
+    }
+    out.push(b'>');
+    for node in el.nodes() {
+        match node {
+            // Children are in their own namespaces (never the stream's).
+            Node::Element(child) => write_element(out, child, ""),
+            Node::Text(t) => escape_text(out, t),
+        }
+    }
+    out.extend_from_slice(b"</stream:");
     out.extend_from_slice(el.name().as_bytes());
     out.push(b'>');
 }
@@ -202,6 +234,22 @@ mod tests {
              <body>hi</body></message></forwarded></message>"
         );
         assert_eq!(reparse(&out), el);
+    }
+
+    #[test]
+    fn stream_namespace_elements_use_the_prefix() {
+        let el = Element::builder("features", ns::STREAM)
+            .append(Element::builder("bind", ns::BIND).build())
+            .build();
+        let mut out = Vec::new();
+        serialize_into(&mut out, &el, ns::CLIENT);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>"
+        );
+        assert_eq!(reparse(&out), el);
+        let standalone = String::from_utf8(serialize(&el)).unwrap();
+        assert!(standalone.starts_with("<stream:features xmlns:stream='http://etherx.jabber.org/streams'>"));
     }
 
     #[test]
