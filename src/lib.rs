@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod c2s;
+pub mod client;
 pub mod config;
 pub mod modules;
 pub mod router;
