@@ -88,7 +88,10 @@ impl Mechanism {
 /// Salted passwords computed before, keyed by (password, salt, iterations,
 /// hash), so that a load generator does not spend its CPU on PBKDF2.
 #[derive(Default, Clone)]
-pub struct KeyCache(Arc<Mutex<HashMap<(String, Vec<u8>, u32, bool), Vec<u8>>>>);
+pub struct KeyCache(Arc<Mutex<HashMap<KeyCacheKey, Vec<u8>>>>);
+
+/// (password, salt, iterations, is SHA-256)
+type KeyCacheKey = (String, Vec<u8>, u32, bool);
 
 impl KeyCache {
     fn salted(&self, hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Vec<u8> {
@@ -132,7 +135,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -140,7 +148,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -167,7 +180,11 @@ pub enum ClientSocket {
 }
 
 impl AsyncRead for ClientSocket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             ClientSocket::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientSocket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -177,7 +194,11 @@ impl AsyncRead for ClientSocket {
 }
 
 impl AsyncWrite for ClientSocket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             ClientSocket::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientSocket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -255,11 +276,17 @@ pub struct XmppClient {
 impl XmppClient {
     /// Open a TCP connection and a stream; with STARTTLS/direct TLS, return
     /// once the stream is encrypted and its features are known.
-    pub async fn connect(addr: SocketAddr, domain: &str, tls: TlsMode) -> Result<Self, ClientError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        domain: &str,
+        tls: TlsMode,
+    ) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
         let socket = match tls {
-            TlsMode::DirectTls => ClientSocket::Tls(Box::new(tls_connect(tcp, domain, &[b"xmpp-client"]).await?)),
+            TlsMode::DirectTls => {
+                ClientSocket::Tls(Box::new(tls_connect(tcp, domain, &[b"xmpp-client"]).await?))
+            }
             _ => ClientSocket::Plain(tcp),
         };
         let mut c = XmppClient {
@@ -286,7 +313,8 @@ impl XmppClient {
         let fut = async {
             let mut c = XmppClient::connect(o.addr, &o.domain, o.tls).await?;
             c.timeout = o.timeout;
-            c.authenticate(&o.username, &o.password, o.mechanism, &o.keys).await?;
+            c.authenticate(&o.username, &o.password, o.mechanism, &o.keys)
+                .await?;
             c.bind(o.resource.as_deref()).await?;
             Ok(c)
         };
@@ -329,12 +357,17 @@ impl XmppClient {
         if !offered {
             return Err(ClientError::Protocol("STARTTLS not offered".into()));
         }
-        self.send_raw(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>").await?;
+        self.send_raw(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .await?;
         let e = self.recv().await?;
         if !e.is("proceed", ns::TLS) {
-            return Err(ClientError::Protocol(format!("STARTTLS refused: {}", e.name())));
+            return Err(ClientError::Protocol(format!(
+                "STARTTLS refused: {}",
+                e.name()
+            )));
         }
-        let ClientSocket::Plain(tcp) = std::mem::replace(&mut self.socket, ClientSocket::Upgrading) else {
+        let ClientSocket::Plain(tcp) = std::mem::replace(&mut self.socket, ClientSocket::Upgrading)
+        else {
             return Err(ClientError::Protocol("already TLS".into()));
         };
         self.socket = ClientSocket::Tls(Box::new(tls_connect(tcp, &self.domain, &[]).await?));
@@ -392,7 +425,13 @@ impl XmppClient {
         Ok(())
     }
 
-    async fn scram(&mut self, username: &str, password: &str, mech: Mechanism, keys: &KeyCache) -> Result<(), ClientError> {
+    async fn scram(
+        &mut self,
+        username: &str,
+        password: &str,
+        mech: Mechanism,
+        keys: &KeyCache,
+    ) -> Result<(), ClientError> {
         let (hash, cb) = match mech {
             Mechanism::ScramSha256 => (ScramHash::Sha256, None),
             Mechanism::ScramSha1 => (ScramHash::Sha1, None),
@@ -420,8 +459,11 @@ impl XmppClient {
         if !e.is("challenge", ns::SASL) {
             return Err(ClientError::AuthFailed(sasl_condition(&e)));
         }
-        let sf = String::from_utf8(B64.decode(e.text().trim()).map_err(|_| ClientError::Protocol("bad base64".into()))?)
-            .map_err(|_| ClientError::Protocol("bad utf-8".into()))?;
+        let sf = String::from_utf8(
+            B64.decode(e.text().trim())
+                .map_err(|_| ClientError::Protocol("bad base64".into()))?,
+        )
+        .map_err(|_| ClientError::Protocol("bad utf-8".into()))?;
         let mut nonce = None;
         let mut salt = None;
         let mut iterations = None;
@@ -438,7 +480,9 @@ impl XmppClient {
             return Err(ClientError::Protocol(format!("bad server-first {sf}")));
         };
         if !nonce.starts_with(&cnonce) {
-            return Err(ClientError::Protocol("server nonce does not extend ours".into()));
+            return Err(ClientError::Protocol(
+                "server nonce does not extend ours".into(),
+            ));
         }
         let mut cbind = gs2.into_bytes();
         if let Some(t) = cb {
@@ -453,7 +497,11 @@ impl XmppClient {
         let client_key = hash.hmac(&salted, b"Client Key");
         let stored_key = hash.hash(&client_key);
         let signature = hash.hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(signature).map(|(a, b)| a ^ b).collect();
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(a, b)| a ^ b)
+            .collect();
         let server_key = hash.hmac(&salted, b"Server Key");
         let expected_v = B64.encode(hash.hmac(&server_key, auth_message.as_bytes()));
         self.send_raw(
@@ -468,7 +516,8 @@ impl XmppClient {
         if !e.is("success", ns::SASL) {
             return Err(ClientError::AuthFailed(sasl_condition(&e)));
         }
-        let v = String::from_utf8(B64.decode(e.text().trim()).unwrap_or_default()).unwrap_or_default();
+        let v =
+            String::from_utf8(B64.decode(e.text().trim()).unwrap_or_default()).unwrap_or_default();
         if v.strip_prefix("v=") != Some(expected_v.as_str()) {
             return Err(ClientError::Protocol("server signature mismatch".into()));
         }
@@ -491,7 +540,12 @@ impl XmppClient {
             .get_child("bind", ns::BIND)
             .and_then(|b| b.get_child("jid", ns::BIND))
             .map(|j| j.text())
-            .ok_or_else(|| ClientError::Protocol(format!("bind failed: {}", crate::xml::writer::to_string(&reply))))?;
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "bind failed: {}",
+                    crate::xml::writer::to_string(&reply)
+                ))
+            })?;
         let jid = FullJid::new(&jid).map_err(|_| ClientError::Protocol("bad bound JID".into()))?;
         self.jid = Some(jid.clone());
         Ok(jid)
@@ -573,7 +627,10 @@ impl XmppClient {
     }
 
     /// Wait for an element matching `pred`, keeping the others queued.
-    pub async fn recv_matching(&mut self, pred: impl Fn(&Element) -> bool) -> Result<Element, ClientError> {
+    pub async fn recv_matching(
+        &mut self,
+        pred: impl Fn(&Element) -> bool,
+    ) -> Result<Element, ClientError> {
         if let Some(pos) = self.queue.iter().position(&pred) {
             return Ok(self.queue.remove(pos).expect("position is valid"));
         }

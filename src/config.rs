@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub c2s: C2sConfig,
@@ -97,19 +98,6 @@ pub struct AuthConfig {
     pub max_failures: u32,
     /// Window for counting failures, and how long throttling lasts, seconds.
     pub failure_window_secs: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            c2s: C2sConfig::default(),
-            tls: TlsConfig::default(),
-            database: DatabaseConfig::default(),
-            limits: LimitsConfig::default(),
-            auth: AuthConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -211,7 +199,10 @@ impl Config {
             return Err(ConfigError::Invalid("server.domains is empty".into()));
         }
         for d in &self.server.domains {
-            if jid::BareJid::new(d).map(|j| j.node().is_some()).unwrap_or(true) {
+            if jid::BareJid::new(d)
+                .map(|j| j.node().is_some())
+                .unwrap_or(true)
+            {
                 return Err(ConfigError::Invalid(format!("invalid domain {d:?}")));
             }
         }

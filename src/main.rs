@@ -75,7 +75,10 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 /// Split `user@domain` (or `user`, for the first configured domain) and
@@ -91,7 +94,8 @@ fn parse_account(cfg: &Config, jid: &str) -> Result<(String, String), String> {
             cfg.server.domains
         ));
     }
-    let user = starling::auth::prep_username(&user).map_err(|_| format!("invalid username {user:?}"))?;
+    let user =
+        starling::auth::prep_username(&user).map_err(|_| format!("invalid username {user:?}"))?;
     Ok((user, domain))
 }
 
@@ -103,7 +107,10 @@ fn read_password(given: Option<String>) -> Result<String, String> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         let mut line = String::new();
-        stdin.lock().read_line(&mut line).map_err(|e| e.to_string())?;
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         let p = line.trim_end_matches(['\r', '\n']).to_owned();
         if p.is_empty() {
             return Err("empty password on stdin".into());
@@ -122,7 +129,10 @@ fn prompt(label: &str) -> Result<String, String> {
     // Without a terminal-control crate, turn echo off with stty when there.
     eprint!("{label}");
     let _ = std::io::stderr().flush();
-    let echo_off = std::process::Command::new("stty").arg("-echo").status().is_ok();
+    let echo_off = std::process::Command::new("stty")
+        .arg("-echo")
+        .status()
+        .is_ok();
     let mut line = String::new();
     let r = std::io::stdin().lock().read_line(&mut line);
     if echo_off {
@@ -146,9 +156,14 @@ async fn user_command(cfg: Config, action: UserAction) -> Result<(), String> {
         UserAction::Add { jid, password } => {
             let (user, domain) = parse_account(&cfg, &jid)?;
             let password = read_password(password)?;
-            let creds = StoredCredentials::from_password(&password, iterations)
-                .map_err(|_| "the password is empty or contains prohibited characters".to_string())?;
-            if store.create_account(&domain, &user, &creds).await.map_err(|e| e.to_string())? {
+            let creds = StoredCredentials::from_password(&password, iterations).map_err(|_| {
+                "the password is empty or contains prohibited characters".to_string()
+            })?;
+            if store
+                .create_account(&domain, &user, &creds)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 println!("created {user}@{domain}");
             } else {
                 return Err(format!("{user}@{domain} exists already"));
@@ -156,7 +171,11 @@ async fn user_command(cfg: Config, action: UserAction) -> Result<(), String> {
         }
         UserAction::Del { jid } => {
             let (user, domain) = parse_account(&cfg, &jid)?;
-            if store.delete_account(&domain, &user).await.map_err(|e| e.to_string())? {
+            if store
+                .delete_account(&domain, &user)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 println!("deleted {user}@{domain}");
             } else {
                 return Err(format!("no account {user}@{domain}"));
@@ -165,9 +184,14 @@ async fn user_command(cfg: Config, action: UserAction) -> Result<(), String> {
         UserAction::Passwd { jid, password } => {
             let (user, domain) = parse_account(&cfg, &jid)?;
             let password = read_password(password)?;
-            let creds = StoredCredentials::from_password(&password, iterations)
-                .map_err(|_| "the password is empty or contains prohibited characters".to_string())?;
-            if store.set_credentials(&domain, &user, &creds).await.map_err(|e| e.to_string())? {
+            let creds = StoredCredentials::from_password(&password, iterations).map_err(|_| {
+                "the password is empty or contains prohibited characters".to_string()
+            })?;
+            if store
+                .set_credentials(&domain, &user, &creds)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 println!("password changed for {user}@{domain}");
             } else {
                 return Err(format!("no account {user}@{domain}"));
@@ -190,7 +214,9 @@ async fn user_command(cfg: Config, action: UserAction) -> Result<(), String> {
 }
 
 async fn serve(cfg: Config) -> Result<(), String> {
-    let handle = starling::server::Server::start(cfg).await.map_err(|e| e.to_string())?;
+    let handle = starling::server::Server::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     wait_for_signal(&handle.server).await;
     tracing::info!("shutting down");
     handle.shutdown().await;
@@ -237,7 +263,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("starling: cannot start the runtime: {e}");
@@ -256,11 +285,16 @@ fn main() -> ExitCode {
             }
             Command::CheckConfig => {
                 cfg.validate().map_err(|e| e.to_string())?;
-                println!("configuration OK; domains {:?}; database {}", cfg.server.domains, cfg.database_url());
+                println!(
+                    "configuration OK; domains {:?}; database {}",
+                    cfg.server.domains,
+                    cfg.database_url()
+                );
                 Ok(())
             }
             Command::GenCert => {
-                starling::tls::CertStore::new(&cfg.tls, &cfg.server.domains).map_err(|e| e.to_string())?;
+                starling::tls::CertStore::new(&cfg.tls, &cfg.server.domains)
+                    .map_err(|e| e.to_string())?;
                 println!("certificates are in {}", cfg.tls.cert_dir.display());
                 Ok(())
             }

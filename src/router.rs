@@ -90,7 +90,7 @@ impl Server {
                 tracing::debug!("stanza without 'to' reached the router, dropped");
                 return;
             }
-            Err(()) => {
+            Err(_) => {
                 Self::bounce_into(queue, &stanza, StanzaError::jid_malformed());
                 return;
             }
@@ -258,10 +258,9 @@ impl Server {
                 Ok(full) => match self.sessions.get(full) {
                     Some(s) => {
                         if let MailboxResult::Failed(back) = self.send_to_session(&s, stanza).await
+                            && (typ == "get" || typ == "set")
                         {
-                            if typ == "get" || typ == "set" {
-                                Self::bounce_into(queue, &back, StanzaError::service_unavailable());
-                            }
+                            Self::bounce_into(queue, &back, StanzaError::service_unavailable());
                         }
                     }
                     None => {
@@ -271,10 +270,10 @@ impl Server {
                     }
                 },
                 Err(_) => {
-                    if typ == "get" || typ == "set" {
-                        if let Some(reply) = self.dispatch_iq(&stanza, &to, None).await {
-                            queue.push(reply);
-                        }
+                    if (typ == "get" || typ == "set")
+                        && let Some(reply) = self.dispatch_iq(&stanza, &to, None).await
+                    {
+                        queue.push(reply);
                     }
                     // results and errors to a bare JID are ignored (RFC 6121 8.5.2.1.3)
                 }
@@ -376,7 +375,9 @@ impl Server {
                 Ok(()) => return MailboxResult::Queued,
                 Err(e) => {
                     tracing::warn!(jid = %session.jid, "session mailbox stuck; closing it");
-                    session.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+                    session
+                        .closing
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     session.kill.cancel();
                     e.into_inner()
                 }

@@ -98,7 +98,12 @@ pub struct ConnectionGuard<'a> {
 }
 
 impl ConnectionLimiter {
-    pub fn try_acquire(&self, ip: IpAddr, max_total: usize, max_per_ip: usize) -> Option<ConnectionGuard<'_>> {
+    pub fn try_acquire(
+        &self,
+        ip: IpAddr,
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> Option<ConnectionGuard<'_>> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
         if *n >= max_per_ip || self.total.load(Ordering::Relaxed) >= max_total {
@@ -119,7 +124,11 @@ impl ConnectionLimiter {
 
 impl Drop for ConnectionGuard<'_> {
     fn drop(&mut self) {
-        let mut per_ip = self.limiter.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self
+            .limiter
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -182,7 +191,10 @@ impl Server {
     }
 
     /// Start with an already opened store (tests share one per backend).
-    pub async fn start_with_store(config: Config, store: Store) -> Result<ServerHandle, StartError> {
+    pub async fn start_with_store(
+        config: Config,
+        store: Store,
+    ) -> Result<ServerHandle, StartError> {
         let server = Self::build_with_store(config, store)?;
         server.start_listening().await
     }
@@ -216,9 +228,12 @@ impl Server {
 
     async fn listen(&self, addr: SocketAddr, kind: ListenerKind) -> Result<SocketAddr, StartError> {
         let listener = bind_listener(addr).map_err(|e| StartError::Listen(addr, e))?;
-        let local = listener.local_addr().map_err(|e| StartError::Listen(addr, e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| StartError::Listen(addr, e))?;
         let server = self.clone();
-        self.tasks.spawn(async move { server.accept_loop(listener, kind).await });
+        self.tasks
+            .spawn(async move { server.accept_loop(listener, kind).await });
         Ok(local)
     }
 
@@ -260,7 +275,10 @@ impl Server {
         self.shutdown.cancel();
         self.tasks.close();
         let grace = Duration::from_secs(self.config.server.shutdown_grace_secs.max(1));
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not close within the grace period");
         }
         self.store.close().await;
@@ -301,7 +319,10 @@ impl Server {
     }
 
     pub fn remote_router(&self) -> Option<Arc<dyn RemoteRouter>> {
-        self.remote.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Send an IQ from the server and get a future for its answer (result or

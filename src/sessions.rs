@@ -249,7 +249,10 @@ mod tests {
         a.priority.store(-1, Ordering::Relaxed);
         b.priority.store(-1, Ordering::Relaxed);
         c.priority.store(-5, Ordering::Relaxed);
-        assert!(t.message_targets(&bare).is_empty(), "negative priority gets no bare-JID messages");
+        assert!(
+            t.message_targets(&bare).is_empty(),
+            "negative priority gets no bare-JID messages"
+        );
         assert_eq!(t.available(&bare).len(), 3);
     }
 }

@@ -45,10 +45,10 @@ pub fn remove_attr(el: &mut Element, attr: &str) {
 }
 
 /// Parse a JID attribute; `Ok(None)` if absent, `Err` if malformed.
-pub fn jid_attr(el: &Element, a: &str) -> Result<Option<Jid>, ()> {
+pub fn jid_attr(el: &Element, a: &str) -> Result<Option<Jid>, jid::Error> {
     match el.attr(a) {
         None => Ok(None),
-        Some(s) => Jid::new(s).map(Some).map_err(|_| ()),
+        Some(s) => Jid::new(s).map(Some),
     }
 }
 
@@ -99,10 +99,14 @@ impl StanzaError {
         let kind = match condition {
             "bad-request" | "jid-malformed" | "not-acceptable" | "policy-violation"
             | "redirect" => ErrorType::Modify,
-            "forbidden" | "not-authorized" | "registration-required"
-            | "subscription-required" => ErrorType::Auth,
-            "internal-server-error" | "recipient-unavailable" | "remote-server-timeout"
-            | "resource-constraint" | "unexpected-request" => ErrorType::Wait,
+            "forbidden" | "not-authorized" | "registration-required" | "subscription-required" => {
+                ErrorType::Auth
+            }
+            "internal-server-error"
+            | "recipient-unavailable"
+            | "remote-server-timeout"
+            | "resource-constraint"
+            | "unexpected-request" => ErrorType::Wait,
             _ => ErrorType::Cancel,
         };
         StanzaError {
@@ -409,7 +413,10 @@ mod tests {
     fn error_types_follow_rfc() {
         assert_eq!(StanzaError::new("bad-request").kind, ErrorType::Modify);
         assert_eq!(StanzaError::new("forbidden").kind, ErrorType::Auth);
-        assert_eq!(StanzaError::new("resource-constraint").kind, ErrorType::Wait);
+        assert_eq!(
+            StanzaError::new("resource-constraint").kind,
+            ErrorType::Wait
+        );
         assert_eq!(StanzaError::new("item-not-found").kind, ErrorType::Cancel);
     }
 }

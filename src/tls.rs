@@ -100,10 +100,10 @@ impl CertStore {
             if let Some(c) = certs.get(&name) {
                 return Some(c.clone());
             }
-            if let Some((_, parent)) = name.split_once('.') {
-                if let Some(c) = certs.get(parent) {
-                    return Some(c.clone());
-                }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(c) = certs.get(parent)
+            {
+                return Some(c.clone());
             }
         }
         certs.get(&self.default_domain).cloned()
@@ -115,7 +115,9 @@ struct SniResolver(Arc<CertStore>);
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.for_name(hello.server_name()).map(|c| c.certified.clone())
+        self.0
+            .for_name(hello.server_name())
+            .map(|c| c.certified.clone())
     }
 }
 
@@ -141,19 +143,13 @@ pub fn server_config(
 }
 
 /// Channel-binding data of an established server-side TLS connection.
-pub fn channel_bindings(
-    conn: &rustls::ServerConnection,
-    certs: &CertStore,
-) -> ChannelBindings {
+pub fn channel_bindings(conn: &rustls::ServerConnection, certs: &CertStore) -> ChannelBindings {
     let mut exporter = [0u8; 32];
-    let tls_exporter = match conn.export_keying_material(
-        &mut exporter,
-        b"EXPORTER-Channel-Binding",
-        None,
-    ) {
-        Ok(_) => Some(exporter.to_vec()),
-        Err(_) => None,
-    };
+    let tls_exporter =
+        match conn.export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None) {
+            Ok(_) => Some(exporter.to_vec()),
+            Err(_) => None,
+        };
     // tls-exporter is only safe with TLS 1.3 or extended master secret; rustls
     // requires EMS for TLS 1.2 by default.
     let tls_server_end_point = certs
@@ -257,7 +253,8 @@ pub fn generate_self_signed(domain: &str, cert: &Path, key: &Path) -> Result<(),
     }
     write_private(key, ck.signing_key.serialize_pem().as_bytes())
         .map_err(|e| TlsError::Cert(key.to_owned(), e.to_string()))?;
-    std::fs::write(cert, ck.cert.pem()).map_err(|e| TlsError::Cert(cert.to_owned(), e.to_string()))?;
+    std::fs::write(cert, ck.cert.pem())
+        .map_err(|e| TlsError::Cert(cert.to_owned(), e.to_string()))?;
     Ok(())
 }
 

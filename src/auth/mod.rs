@@ -151,7 +151,10 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_plain(b"juliet@x\0juliet\0pw").unwrap().authzid.as_deref(),
+            parse_plain(b"juliet@x\0juliet\0pw")
+                .unwrap()
+                .authzid
+                .as_deref(),
             Some("juliet@x")
         );
         for bad in [&b""[..], b"\0\0pw", b"\0u\0", b"\0u\0p\0x", b"\xff\0u\0p"] {

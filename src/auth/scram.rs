@@ -250,7 +250,8 @@ impl ScramServer {
         if user_field.starts_with("m=") {
             return Err(AuthError::Malformed);
         }
-        let username = unescape_username(user_field.strip_prefix("n=").ok_or(AuthError::Malformed)?)?;
+        let username =
+            unescape_username(user_field.strip_prefix("n=").ok_or(AuthError::Malformed)?)?;
         let nonce = fields
             .next()
             .and_then(|f| f.strip_prefix("r="))
@@ -270,7 +271,10 @@ impl ScramServer {
     /// fails only at the proof (no user enumeration).
     pub fn server_first(&mut self, keys: Option<ScramKeys>, fake_salt_seed: &[u8]) -> Vec<u8> {
         let keys = keys.unwrap_or_else(|| ScramKeys {
-            salt: self.hash.hmac(fake_salt_seed, self.client_first_bare.as_bytes())[..16].to_vec(),
+            salt: self
+                .hash
+                .hmac(fake_salt_seed, self.client_first_bare.as_bytes())[..16]
+                .to_vec(),
             iterations: 4096,
             stored_key: vec![0xff; 1],
             server_key: vec![0xff; 1],
@@ -355,6 +359,7 @@ mod tests {
 
     /// RFC 5802 section 5 example, driven through our server with the RFC's
     /// server nonce substituted (the nonce suffix is random in production).
+    #[allow(clippy::too_many_arguments)]
     fn rfc_exchange(
         hash: ScramHash,
         password: &str,
@@ -441,8 +446,7 @@ mod tests {
             b"n,,n=us=41er,r=abc",
             b"\xff\xfe",
         ] {
-            let mut s =
-                ScramServer::new(ScramHash::Sha1, false, false, ChannelBindings::default());
+            let mut s = ScramServer::new(ScramHash::Sha1, false, false, ChannelBindings::default());
             assert!(s.client_first(bad).is_err(), "{bad:?}");
         }
     }
@@ -467,7 +471,11 @@ mod tests {
         assert!(s.client_first(b"y,,n=user,r=abc").is_ok());
     }
 
-    fn plus_exchange(bindings: ChannelBindings, client_cb: &[u8], cb_type: &str) -> Result<Vec<u8>, AuthError> {
+    fn plus_exchange(
+        bindings: ChannelBindings,
+        client_cb: &[u8],
+        cb_type: &str,
+    ) -> Result<Vec<u8>, AuthError> {
         let keys = ScramKeys::derive(ScramHash::Sha256, "pencil", b"0123456789abcdef", 4096);
         let mut s = ScramServer::new(ScramHash::Sha256, true, true, bindings);
         let cfirst = format!("p={cb_type},,n=user,r=clientnonce");
@@ -552,7 +560,10 @@ mod tests {
         assert!(sf.contains(",s=") && sf.ends_with(",i=4096"));
         let nonce = sf.split(',').next().unwrap();
         let msg = format!("c=biws,{nonce},p={}", B64.encode([0u8; 32]));
-        assert_eq!(s.client_final(msg.as_bytes()), Err(AuthError::NotAuthorized));
+        assert_eq!(
+            s.client_final(msg.as_bytes()),
+            Err(AuthError::NotAuthorized)
+        );
     }
 
     #[test]

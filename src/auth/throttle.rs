@@ -108,7 +108,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(t.allowed(ip, Some("a")));
         t.record_failure(ip, Some("a"));
-        assert!(t.allowed(ip, Some("a")), "counter restarts after the window");
+        assert!(
+            t.allowed(ip, Some("a")),
+            "counter restarts after the window"
+        );
         t.record_success(ip, "a");
         assert!(t.allowed(ip, Some("a")));
     }

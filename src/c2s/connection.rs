@@ -34,7 +34,11 @@ pub enum Socket {
 }
 
 impl AsyncRead for Socket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -44,7 +48,11 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -77,7 +85,11 @@ pub fn stream_error_bytes(condition: &str, text: Option<&str>) -> Vec<u8> {
     let mut b = Element::builder("error", ns::STREAM)
         .append(Element::builder(condition, ns::STREAM_ERRORS).build());
     if let Some(t) = text {
-        b = b.append(Element::builder("text", ns::STREAM_ERRORS).append(t).build());
+        b = b.append(
+            Element::builder("text", ns::STREAM_ERRORS)
+                .append(t)
+                .build(),
+        );
     }
     let mut out = Vec::with_capacity(160);
     serialize_into(&mut out, &b.build(), ns::CLIENT);
@@ -91,14 +103,18 @@ pub async fn refuse(mut tcp: TcpStream, kind: ListenerKind) {
         let mut buf = [0u8; 1024];
         let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
         let mut out = stream_header(ns::CLIENT, None, None, Some(&stanza::new_id()), "");
-        out.extend(stream_error_bytes("policy-violation", Some("too many connections")));
+        out.extend(stream_error_bytes(
+            "policy-violation",
+            Some("too many connections"),
+        ));
         let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&out)).await;
     }
 }
 
 /// Serve one client connection until it closes.
 pub async fn serve(server: Server, tcp: TcpStream, peer: SocketAddr, kind: ListenerKind) {
-    let handshake_timeout = Duration::from_secs(server.config.limits.unauthenticated_timeout_secs.max(1));
+    let handshake_timeout =
+        Duration::from_secs(server.config.limits.unauthenticated_timeout_secs.max(1));
     let (socket, secure, bindings) = match kind {
         ListenerKind::C2sDirectTls => {
             let acceptor = tokio_rustls::TlsAcceptor::from(server.c2s_direct_tls.clone());
@@ -254,7 +270,8 @@ impl Connection {
             match o {
                 Output::SendHeader { id, from } => self.write_header(&id, &from),
                 Output::StreamError { condition, text } => {
-                    self.wbuf.extend(stream_error_bytes(condition, text.as_deref()));
+                    self.wbuf
+                        .extend(stream_error_bytes(condition, text.as_deref()));
                     self.closing = true;
                 }
                 _ => {}
@@ -279,9 +296,15 @@ impl Connection {
         }
         // XEP-0199: probe an idle client.
         if let (Some(jid), Some(domain)) = (self.machine.jid(), self.machine.domain()) {
-            let ping = stanza::build("iq", Some(domain), Some(&jid.to_string()), Some("get"), Some(&format!("ping-{}", stanza::new_id())))
-                .append(Element::builder("ping", ns::PING).build())
-                .build();
+            let ping = stanza::build(
+                "iq",
+                Some(domain),
+                Some(&jid.to_string()),
+                Some("get"),
+                Some(&format!("ping-{}", stanza::new_id())),
+            )
+            .append(Element::builder("ping", ns::PING).build())
+            .build();
             serialize_into(&mut self.wbuf, &ping, ns::CLIENT);
         }
         self.ping_sent = Some(Instant::now());
@@ -342,12 +365,22 @@ impl Connection {
                     Output::LookupCredentials { domain, username } => {
                         queue.push_back(Input::Credentials(self.lookup(&domain, &username).await));
                     }
-                    Output::AuthSucceeded { username, mechanism } => {
-                        self.server.throttle.record_success(self.peer.ip(), &username);
+                    Output::AuthSucceeded {
+                        username,
+                        mechanism,
+                    } => {
+                        self.server
+                            .throttle
+                            .record_success(self.peer.ip(), &username);
                         tracing::info!(peer = %self.peer, user = %username, mechanism, "authenticated");
                     }
-                    Output::AuthFailed { username, mechanism } => {
-                        self.server.throttle.record_failure(self.peer.ip(), username.as_deref());
+                    Output::AuthFailed {
+                        username,
+                        mechanism,
+                    } => {
+                        self.server
+                            .throttle
+                            .record_failure(self.peer.ip(), username.as_deref());
                         tracing::info!(peer = %self.peer, user = ?username, mechanism, "authentication failed");
                     }
                     Output::Bind { user, resource } => {
@@ -361,7 +394,8 @@ impl Connection {
                         }
                     }
                     Output::StreamError { condition, text } => {
-                        self.wbuf.extend(stream_error_bytes(condition, text.as_deref()));
+                        self.wbuf
+                            .extend(stream_error_bytes(condition, text.as_deref()));
                         self.closing = true;
                     }
                     Output::CloseStream => {
@@ -386,7 +420,13 @@ impl Connection {
             return None;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(self.server.c2s_tls.clone());
-        let timeout = Duration::from_secs(self.server.config.limits.unauthenticated_timeout_secs.max(1));
+        let timeout = Duration::from_secs(
+            self.server
+                .config
+                .limits
+                .unauthenticated_timeout_secs
+                .max(1),
+        );
         match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
                 let b = crate::tls::channel_bindings(tls.get_ref().1, &self.server.certs);
@@ -421,14 +461,19 @@ impl Connection {
             })
     }
 
-    async fn bind(&mut self, user: BareJid, resource: Option<String>) -> Result<FullJid, StanzaError> {
+    async fn bind(
+        &mut self,
+        user: BareJid,
+        resource: Option<String>,
+    ) -> Result<FullJid, StanzaError> {
         let limits = &self.server.config.limits;
         let resource = resource.unwrap_or_else(|| format!("starling-{}", &stanza::new_id()[..10]));
         let full = user
             .with_resource_str(&resource)
             .map_err(|_| StanzaError::bad_request().with_text("invalid resource"))?;
         let replacing = self.server.sessions.get(&full).is_some();
-        if !replacing && self.server.sessions.resource_count(&user) >= limits.max_resources_per_user {
+        if !replacing && self.server.sessions.resource_count(&user) >= limits.max_resources_per_user
+        {
             return Err(StanzaError::resource_constraint().with_text("too many resources bound"));
         }
         let (tx, rx) = mpsc::channel(limits.session_queue.max(16));
@@ -457,7 +502,9 @@ impl Connection {
     async fn finish(&mut self) {
         let _ = self.flush().await;
         if let Some(session) = self.session.take() {
-            session.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+            session
+                .closing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             self.server.sessions.unbind(&session);
             if let Some(mut rx) = self.mailbox.take() {
                 rx.close();

@@ -52,23 +52,41 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// Send our stream header.
-    SendHeader { id: String, from: String },
+    SendHeader {
+        id: String,
+        from: String,
+    },
     Send(Element),
     /// `<proceed/>` was queued: flush it, run the TLS handshake, reset the
     /// parser and answer with [`Input::TlsEstablished`].
     StartTls,
     /// SASL succeeded: reset the parser for the stream restart.
     ResetStream,
-    LookupCredentials { domain: String, username: String },
-    AuthSucceeded { username: String, mechanism: &'static str },
-    AuthFailed { username: Option<String>, mechanism: &'static str },
+    LookupCredentials {
+        domain: String,
+        username: String,
+    },
+    AuthSucceeded {
+        username: String,
+        mechanism: &'static str,
+    },
+    AuthFailed {
+        username: Option<String>,
+        mechanism: &'static str,
+    },
     /// Bind a resource (None: let the server choose); answer with
     /// [`Input::Bound`].
-    Bind { user: BareJid, resource: Option<String> },
+    Bind {
+        user: BareJid,
+        resource: Option<String>,
+    },
     /// A validated, `from`-stamped stanza from the bound client.
     Stanza(Element),
     /// Close with a stream error (the header was already sent).
-    StreamError { condition: &'static str, text: Option<String> },
+    StreamError {
+        condition: &'static str,
+        text: Option<String>,
+    },
     /// The client closed its stream: send ours and close.
     CloseStream,
 }
@@ -118,7 +136,11 @@ fn sasl_failure(condition: &str) -> Element {
 
 impl C2sMachine {
     /// A new machine; `secure` for direct TLS (with its channel bindings).
-    pub fn new(settings: std::sync::Arc<C2sSettings>, secure: bool, bindings: ChannelBindings) -> Self {
+    pub fn new(
+        settings: std::sync::Arc<C2sSettings>,
+        secure: bool,
+        bindings: ChannelBindings,
+    ) -> Self {
         C2sMachine {
             settings,
             state: State::AwaitHeader,
@@ -181,12 +203,7 @@ impl C2sMachine {
 
     fn stream_error(&mut self, condition: &'static str, text: Option<&str>, out: &mut Vec<Output>) {
         if !self.header_sent {
-            let from = self
-                .settings
-                .domains
-                .first()
-                .cloned()
-                .unwrap_or_default();
+            let from = self.settings.domains.first().cloned().unwrap_or_default();
             out.push(Output::SendHeader {
                 id: stanza::new_id(),
                 from,
@@ -214,13 +231,12 @@ impl C2sMachine {
         if self.state != State::AwaitHeader {
             return self.stream_error("bad-format", Some("unexpected stream header"), out);
         }
-        let domain = h
-            .to
-            .as_deref()
-            .and_then(|t| jid::BareJid::new(t).ok())
-            .filter(|j| j.node().is_none())
-            .map(|j| j.domain().as_str().to_owned())
-            .filter(|d| self.settings.domains.iter().any(|x| x == d));
+        let domain =
+            h.to.as_deref()
+                .and_then(|t| jid::BareJid::new(t).ok())
+                .filter(|j| j.node().is_none())
+                .map(|j| j.domain().as_str().to_owned())
+                .filter(|d| self.settings.domains.iter().any(|x| x == d));
         // After a restart the domain must stay the same.
         let domain = match (&self.domain, domain) {
             (Some(prev), Some(d)) if *prev == d => Some(d),
@@ -241,7 +257,11 @@ impl C2sMachine {
         if h.default_ns != ns::CLIENT {
             return self.stream_error("invalid-namespace", Some("expected jabber:client"), out);
         }
-        match h.version.as_deref().map(|v| v.split('.').next().unwrap_or("")) {
+        match h
+            .version
+            .as_deref()
+            .map(|v| v.split('.').next().unwrap_or(""))
+        {
             Some("1") => {}
             _ => return self.stream_error("unsupported-version", None, out),
         }
@@ -331,7 +351,11 @@ impl C2sMachine {
             State::Established => self.established(el, out),
             State::SaslLookup | State::BindPending | State::TlsPending => {
                 // The client must wait for our answer.
-                self.stream_error("policy-violation", Some("pipelined before the server answered"), out)
+                self.stream_error(
+                    "policy-violation",
+                    Some("pipelined before the server answered"),
+                    out,
+                )
             }
             State::AwaitHeader => self.stream_error("bad-format", None, out),
             State::Closed => {}
@@ -396,9 +420,13 @@ impl C2sMachine {
             )
         };
         let sasl = match mech {
-            "SCRAM-SHA-256-PLUS" => Sasl::Scram(scram(ScramHash::Sha256, true), ScramHash::Sha256, true),
+            "SCRAM-SHA-256-PLUS" => {
+                Sasl::Scram(scram(ScramHash::Sha256, true), ScramHash::Sha256, true)
+            }
             "SCRAM-SHA-1-PLUS" => Sasl::Scram(scram(ScramHash::Sha1, true), ScramHash::Sha1, true),
-            "SCRAM-SHA-256" => Sasl::Scram(scram(ScramHash::Sha256, false), ScramHash::Sha256, false),
+            "SCRAM-SHA-256" => {
+                Sasl::Scram(scram(ScramHash::Sha256, false), ScramHash::Sha256, false)
+            }
             "SCRAM-SHA-1" => Sasl::Scram(scram(ScramHash::Sha1, false), ScramHash::Sha1, false),
             _ => Sasl::Plain(PlainMessage {
                 authzid: None,
@@ -479,11 +507,15 @@ impl C2sMachine {
             Some(Sasl::Scram(s, hash, _)) => {
                 let keys = creds.map(|c| c.keys(*hash).clone());
                 let first = s.server_first(keys, &self.settings.fake_salt_seed);
-                out.push(Output::Send(sasl_el("challenge").append(B64.encode(first)).build()));
+                out.push(Output::Send(
+                    sasl_el("challenge").append(B64.encode(first)).build(),
+                ));
                 self.state = State::SaslChallenge;
             }
             Some(Sasl::Plain(p)) => {
-                let ok = creds.map(|c| c.verify_password(&p.password)).unwrap_or(false);
+                let ok = creds
+                    .map(|c| c.verify_password(&p.password))
+                    .unwrap_or(false);
                 p.password.clear();
                 if ok {
                     self.sasl_success(None, out);
@@ -567,25 +599,30 @@ impl C2sMachine {
         self.auth_failures += 1;
         self.state = State::Negotiating;
         if self.auth_failures >= self.settings.max_auth_failures {
-            self.stream_error("policy-violation", Some("too many failed authentication attempts"), out);
+            self.stream_error(
+                "policy-violation",
+                Some("too many failed authentication attempts"),
+                out,
+            );
         }
     }
 
     fn await_bind(&mut self, el: Element, out: &mut Vec<Output>) {
-        if stanza::kind(&el) == Some(Kind::Iq) && el.attr("type") == Some("set") {
-            if let Some(bind) = el.get_child("bind", ns::BIND) {
-                let resource = bind
-                    .get_child("resource", ns::BIND)
-                    .map(|r| r.text())
-                    .filter(|r| !r.trim().is_empty());
-                let Some(user) = self.authenticated.clone() else {
-                    return self.stream_error("internal-server-error", None, out);
-                };
-                self.pending_bind = Some(el);
-                self.state = State::BindPending;
-                out.push(Output::Bind { user, resource });
-                return;
-            }
+        if stanza::kind(&el) == Some(Kind::Iq)
+            && el.attr("type") == Some("set")
+            && let Some(bind) = el.get_child("bind", ns::BIND)
+        {
+            let resource = bind
+                .get_child("resource", ns::BIND)
+                .map(|r| r.text())
+                .filter(|r| !r.trim().is_empty());
+            let Some(user) = self.authenticated.clone() else {
+                return self.stream_error("internal-server-error", None, out);
+            };
+            self.pending_bind = Some(el);
+            self.state = State::BindPending;
+            out.push(Output::Bind { user, resource });
+            return;
         }
         if stanza::kind(&el).is_some() {
             return self.stream_error("not-authorized", Some("bind a resource first"), out);
@@ -603,7 +640,11 @@ impl C2sMachine {
         match r {
             Ok(jid) => {
                 let payload = Element::builder("bind", ns::BIND)
-                    .append(Element::builder("jid", ns::BIND).append(jid.to_string()).build())
+                    .append(
+                        Element::builder("jid", ns::BIND)
+                            .append(jid.to_string())
+                            .build(),
+                    )
                     .build();
                 let mut reply = stanza::iq_result(&req, Some(payload));
                 stanza::remove_attr(&mut reply, "to");
@@ -631,7 +672,7 @@ impl C2sMachine {
         // give its own full or bare JID.
         if let Some(from) = el.attr("from") {
             let ok = match Jid::new(from) {
-                Ok(f) => f == Jid::from(jid.clone()) || f == Jid::from(jid.to_bare()),
+                Ok(f) => f == jid.clone() || f == jid.to_bare(),
                 Err(_) => false,
             };
             if !ok {
@@ -647,22 +688,27 @@ impl C2sMachine {
                 out.push(Output::Send(r));
             }
         };
-        if let Some(to) = el.attr("to") {
-            if Jid::new(to).is_err() {
-                return reply_error(&el, StanzaError::jid_malformed(), out);
-            }
+        if let Some(to) = el.attr("to")
+            && Jid::new(to).is_err()
+        {
+            return reply_error(&el, StanzaError::jid_malformed(), out);
         }
         match kind {
             Kind::Iq => {
                 if el.attr("id").is_none() {
-                    return reply_error(&el, StanzaError::bad_request().with_text("IQ without id"), out);
+                    return reply_error(
+                        &el,
+                        StanzaError::bad_request().with_text("IQ without id"),
+                        out,
+                    );
                 }
                 match typ.as_deref() {
                     Some("get") | Some("set") => {
                         if el.children().count() != 1 {
                             return reply_error(
                                 &el,
-                                StanzaError::bad_request().with_text("an IQ request needs exactly one payload"),
+                                StanzaError::bad_request()
+                                    .with_text("an IQ request needs exactly one payload"),
                                 out,
                             );
                         }
@@ -746,7 +792,9 @@ mod tests {
         let mut m = C2sMachine::new(settings(), true, cb());
         m.handle(header("example.org"));
         let out = m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGp1bGlldABwdw==</auth>"));
-        assert!(matches!(&out[0], Output::LookupCredentials { username, .. } if username == "juliet"));
+        assert!(
+            matches!(&out[0], Output::LookupCredentials { username, .. } if username == "juliet")
+        );
         let creds = StoredCredentials::from_password("pw", 4096).unwrap();
         let out = m.handle(Input::Credentials(Ok(Some(creds))));
         assert!(sent(&out)[0].is("success", ns::SASL));
@@ -763,11 +811,17 @@ mod tests {
                 resource: Some("balcony".into())
             }]
         );
-        let out = m.handle(Input::Bound(Ok(FullJid::new("juliet@example.org/balcony").unwrap())));
+        let out = m.handle(Input::Bound(Ok(
+            FullJid::new("juliet@example.org/balcony").unwrap()
+        )));
         let r = &sent(&out)[0];
         assert_eq!(r.attr("type"), Some("result"));
         assert_eq!(
-            r.get_child("bind", ns::BIND).unwrap().get_child("jid", ns::BIND).unwrap().text(),
+            r.get_child("bind", ns::BIND)
+                .unwrap()
+                .get_child("jid", ns::BIND)
+                .unwrap()
+                .text(),
             "juliet@example.org/balcony"
         );
         assert!(m.is_established());
@@ -780,7 +834,11 @@ mod tests {
         let out = m.handle(header("example.org"));
         assert!(matches!(&out[0], Output::SendHeader { from, .. } if from == "example.org"));
         let f = &sent(&out)[0];
-        assert!(f.get_child("starttls", ns::TLS).unwrap().has_child("required", ns::TLS));
+        assert!(
+            f.get_child("starttls", ns::TLS)
+                .unwrap()
+                .has_child("required", ns::TLS)
+        );
         assert!(!f.has_child("mechanisms", ns::SASL), "no SASL before TLS");
         let out = m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGp1bGlldABwdw==</auth>"));
         assert!(sent(&out)[0].has_child("encryption-required", ns::SASL));
@@ -799,7 +857,13 @@ mod tests {
             .collect();
         assert_eq!(
             mechs,
-            ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
+            [
+                "SCRAM-SHA-256-PLUS",
+                "SCRAM-SHA-1-PLUS",
+                "SCRAM-SHA-256",
+                "SCRAM-SHA-1",
+                "PLAIN"
+            ]
         );
         let cbs = f.get_child("sasl-channel-binding", ns::SASL_CB).unwrap();
         assert_eq!(cbs.children().count(), 2);
@@ -809,7 +873,13 @@ mod tests {
     fn bad_headers_get_stream_errors() {
         let mut m = C2sMachine::new(settings(), true, cb());
         let out = m.handle(header("unknown.org"));
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "host-unknown", .. })));
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "host-unknown",
+                ..
+            })
+        ));
         assert!(m.is_closed());
 
         let mut m = C2sMachine::new(settings(), true, cb());
@@ -821,8 +891,17 @@ mod tests {
             version: Some("1.0".into()),
             ..Default::default()
         })));
-        assert!(matches!(out[0], Output::SendHeader { .. }), "header before the error");
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "invalid-namespace", .. })));
+        assert!(
+            matches!(out[0], Output::SendHeader { .. }),
+            "header before the error"
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "invalid-namespace",
+                ..
+            })
+        ));
 
         let mut m = C2sMachine::new(settings(), true, cb());
         let out = m.handle(Input::Stream(StreamEvent::Header(StreamHeader {
@@ -833,7 +912,13 @@ mod tests {
             version: None,
             ..Default::default()
         })));
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "unsupported-version", .. })));
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "unsupported-version",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -845,7 +930,9 @@ mod tests {
             "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256-PLUS'>{}</auth>",
             B64.encode(cfirst)
         )));
-        assert!(matches!(&out[0], Output::LookupCredentials { username, .. } if username == "romeo"));
+        assert!(
+            matches!(&out[0], Output::LookupCredentials { username, .. } if username == "romeo")
+        );
         let creds = StoredCredentials {
             sha1: ScramKeys::derive(ScramHash::Sha1, "pw", b"salt1", 4096),
             sha256: ScramKeys::derive(ScramHash::Sha256, "pw", b"salt256", 4096),
@@ -870,7 +957,11 @@ mod tests {
         )));
         let success = &sent(&out)[0];
         assert!(success.is("success", ns::SASL));
-        assert!(String::from_utf8(B64.decode(success.text()).unwrap()).unwrap().starts_with("v="));
+        assert!(
+            String::from_utf8(B64.decode(success.text()).unwrap())
+                .unwrap()
+                .starts_with("v=")
+        );
         assert_eq!(m.authenticated().unwrap().to_string(), "romeo@example.org");
     }
 
@@ -885,27 +976,47 @@ mod tests {
             let out = m.handle(Input::Credentials(Ok(Some(creds))));
             assert!(sent(&out)[0].has_child("not-authorized", ns::SASL));
             if i == 2 {
-                assert!(matches!(out.last(), Some(Output::StreamError { condition: "policy-violation", .. })));
+                assert!(matches!(
+                    out.last(),
+                    Some(Output::StreamError {
+                        condition: "policy-violation",
+                        ..
+                    })
+                ));
             }
         }
         // Unknown mechanism, bad base64.
         let mut m = C2sMachine::new(settings(), true, cb());
         m.handle(header("example.org"));
-        let out = m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'/>"));
+        let out = m.handle(el(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'/>",
+        ));
         assert!(sent(&out)[0].has_child("invalid-mechanism", ns::SASL));
-        let out = m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>"));
+        let out = m.handle(el(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!</auth>",
+        ));
         assert!(sent(&out)[0].has_child("incorrect-encoding", ns::SASL));
         let out = m.handle(el("<message xmlns='jabber:client' to='a@example.org'/>"));
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "not-authorized", .. })));
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "not-authorized",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn plain_with_empty_initial_response_and_throttling() {
         let mut m = C2sMachine::new(settings(), true, cb());
         m.handle(header("example.org"));
-        let out = m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>"));
+        let out = m.handle(el(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>",
+        ));
         assert!(sent(&out)[0].is("challenge", ns::SASL));
-        let out = m.handle(el("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>AGp1bGlldABwdw==</response>"));
+        let out = m.handle(el(
+            "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>AGp1bGlldABwdw==</response>",
+        ));
         assert!(matches!(&out[0], Output::LookupCredentials { .. }));
         let out = m.handle(Input::Credentials(Err(AuthError::Throttled)));
         assert!(sent(&out)[0].has_child("temporary-auth-failure", ns::SASL));
@@ -919,27 +1030,59 @@ mod tests {
             Output::Stanza(s) => assert_eq!(s.attr("from"), Some("juliet@example.org/balcony")),
             o => panic!("{o:?}"),
         }
-        let out = m.handle(el("<message xmlns='jabber:client' from='juliet@example.org' to='romeo@example.org'/>"));
-        assert!(matches!(&out[0], Output::Stanza(_)), "bare own JID is accepted");
+        let out = m.handle(el(
+            "<message xmlns='jabber:client' from='juliet@example.org' to='romeo@example.org'/>",
+        ));
+        assert!(
+            matches!(&out[0], Output::Stanza(_)),
+            "bare own JID is accepted"
+        );
         let out = m.handle(el("<iq xmlns='jabber:client' type='get' to='example.org'><ping xmlns='urn:xmpp:ping'/></iq>"));
         assert_eq!(sent(&out)[0].attr("type"), Some("error"), "IQ without id");
         let out = m.handle(el("<iq xmlns='jabber:client' type='get' id='1'/>"));
-        assert!(sent(&out)[0].get_child("error", ns::CLIENT).unwrap().has_child("bad-request", ns::STANZA_ERRORS));
+        assert!(
+            sent(&out)[0]
+                .get_child("error", ns::CLIENT)
+                .unwrap()
+                .has_child("bad-request", ns::STANZA_ERRORS)
+        );
         let out = m.handle(el("<message xmlns='jabber:client' to='@@@'/>"));
-        assert!(sent(&out)[0].get_child("error", ns::CLIENT).unwrap().has_child("jid-malformed", ns::STANZA_ERRORS));
+        assert!(
+            sent(&out)[0]
+                .get_child("error", ns::CLIENT)
+                .unwrap()
+                .has_child("jid-malformed", ns::STANZA_ERRORS)
+        );
         let out = m.handle(el("<iq xmlns='jabber:client' type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"));
         assert_eq!(sent(&out)[0].attr("type"), Some("result"));
-        let out = m.handle(el("<message xmlns='jabber:client' from='romeo@example.org/x' to='a@example.org'/>"));
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "invalid-from", .. })));
+        let out = m.handle(el(
+            "<message xmlns='jabber:client' from='romeo@example.org/x' to='a@example.org'/>",
+        ));
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "invalid-from",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn unknown_elements_and_close() {
         let mut m = logged_in();
         let out = m.handle(el("<foo xmlns='urn:bar'/>"));
-        assert!(matches!(out.last(), Some(Output::StreamError { condition: "unsupported-stanza-type", .. })));
+        assert!(matches!(
+            out.last(),
+            Some(Output::StreamError {
+                condition: "unsupported-stanza-type",
+                ..
+            })
+        ));
         let mut m = logged_in();
-        assert_eq!(m.handle(Input::Stream(StreamEvent::End)), vec![Output::CloseStream]);
+        assert_eq!(
+            m.handle(Input::Stream(StreamEvent::End)),
+            vec![Output::CloseStream]
+        );
         assert!(m.is_closed());
     }
 
@@ -948,7 +1091,9 @@ mod tests {
         let mut m = C2sMachine::new(settings(), true, cb());
         m.handle(header("example.org"));
         m.handle(el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGp1bGlldABwdw==</auth>"));
-        m.handle(Input::Credentials(Ok(Some(StoredCredentials::from_password("pw", 4096).unwrap()))));
+        m.handle(Input::Credentials(Ok(Some(
+            StoredCredentials::from_password("pw", 4096).unwrap(),
+        ))));
         m.handle(header("example.org"));
         m.handle(el("<iq xmlns='jabber:client' type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"));
         let out = m.handle(Input::Bound(Err(StanzaError::resource_constraint())));

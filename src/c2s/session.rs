@@ -66,7 +66,10 @@ impl Server {
                 let target: Option<Jid> = match &to {
                     None => Some(Jid::from(own_bare.clone())),
                     Some(j) if j.is_bare() && j.to_bare() == own_bare => Some(j.clone()),
-                    Some(j) if j.node().is_none() && self.config.is_local_domain(j.domain().as_str()) => {
+                    Some(j)
+                        if j.node().is_none()
+                            && self.config.is_local_domain(j.domain().as_str()) =>
+                    {
                         Some(j.clone())
                     }
                     _ => None,
@@ -98,7 +101,9 @@ impl Server {
     /// Deliver a reply generated for a session straight back to it.
     async fn route_reply_to_session(&self, session: &Arc<Session>, reply: Element) {
         if reply.attr("to") == Some(session.jid.to_string().as_str()) {
-            if let crate::router::MailboxResult::Failed(r) = self.send_to_session(session, reply).await {
+            if let crate::router::MailboxResult::Failed(r) =
+                self.send_to_session(session, reply).await
+            {
                 tracing::debug!(id = ?r.attr("id"), "reply to a closed session dropped");
             }
         } else {

@@ -84,10 +84,10 @@ impl Module for Disco {
         }
         if req.to_server() {
             if info {
-                if let Some(n) = node {
-                    if n != format!("{CAPS_NODE}#{}", caps_ver(server)) {
-                        return IqReply::Error(StanzaError::item_not_found());
-                    }
+                if let Some(n) = node
+                    && n != format!("{CAPS_NODE}#{}", caps_ver(server))
+                {
+                    return IqReply::Error(StanzaError::item_not_found());
                 }
                 let mut q = Element::builder("query", ns::DISCO_INFO);
                 if let Some(n) = node {
@@ -130,8 +130,11 @@ impl Module for Disco {
             if node.is_some() {
                 return IqReply::Error(StanzaError::item_not_found());
             }
-            let mut q = Element::builder("query", ns::DISCO_INFO)
-                .append(identity("account", "registered", None));
+            let mut q = Element::builder("query", ns::DISCO_INFO).append(identity(
+                "account",
+                "registered",
+                None,
+            ));
             let mut features = server.modules.account_features();
             features.extend([ns::DISCO_INFO, ns::DISCO_ITEMS]);
             features.sort_unstable();

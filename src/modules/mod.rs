@@ -88,7 +88,12 @@ pub trait Module: Send + Sync + 'static {
         IqReply::Unhandled
     }
     /// A stanza a local client sent (already `from`-stamped), before routing.
-    async fn on_user_send(&self, _server: &Server, _session: &Arc<Session>, _stanza: &mut Element) -> Flow {
+    async fn on_user_send(
+        &self,
+        _server: &Server,
+        _session: &Arc<Session>,
+        _stanza: &mut Element,
+    ) -> Flow {
         Flow::Continue
     }
     /// A stanza for local user `to`, before resources are chosen.
@@ -96,7 +101,14 @@ pub trait Module: Send + Sync + 'static {
         Flow::Continue
     }
     /// A message was handed to these sessions of `to`.
-    async fn on_delivered(&self, _server: &Server, _to: &BareJid, _stanza: &Element, _sessions: &[Arc<Session>]) {}
+    async fn on_delivered(
+        &self,
+        _server: &Server,
+        _to: &BareJid,
+        _stanza: &Element,
+        _sessions: &[Arc<Session>],
+    ) {
+    }
     /// No resource of `to` can take this message (RFC 6121 8.5.2.2).
     /// Return Stop when it was taken care of (e.g. stored offline).
     async fn on_undeliverable(&self, _server: &Server, _to: &BareJid, _stanza: &Element) -> Flow {
@@ -158,7 +170,11 @@ impl Modules {
     }
 
     pub fn account_features(&self) -> Vec<&'static str> {
-        let mut v: Vec<&'static str> = self.list.iter().flat_map(|m| m.account_features()).collect();
+        let mut v: Vec<&'static str> = self
+            .list
+            .iter()
+            .flat_map(|m| m.account_features())
+            .collect();
         v.sort_unstable();
         v.dedup();
         v

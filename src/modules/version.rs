@@ -29,13 +29,21 @@ impl Module for Version {
             return IqReply::Error(StanzaError::not_allowed());
         }
         let query = Element::builder("query", ns::VERSION)
-            .append(Element::builder("name", ns::VERSION).append("Starling").build())
+            .append(
+                Element::builder("name", ns::VERSION)
+                    .append("Starling")
+                    .build(),
+            )
             .append(
                 Element::builder("version", ns::VERSION)
                     .append(env!("CARGO_PKG_VERSION"))
                     .build(),
             )
-            .append(Element::builder("os", ns::VERSION).append(std::env::consts::OS).build())
+            .append(
+                Element::builder("os", ns::VERSION)
+                    .append(std::env::consts::OS)
+                    .build(),
+            )
             .build();
         IqReply::Result(Some(query))
     }

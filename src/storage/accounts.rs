@@ -183,14 +183,30 @@ mod tests {
             assert!(store.create_account("x.test", "alice", &c).await.unwrap());
             assert!(!store.create_account("x.test", "alice", &c).await.unwrap());
             assert!(store.create_account("y.test", "alice", &c).await.unwrap());
-            assert_eq!(store.get_credentials("x.test", "alice").await.unwrap(), Some(c.clone()));
-            assert!(store.get_credentials("x.test", "bob").await.unwrap().is_none());
+            assert_eq!(
+                store.get_credentials("x.test", "alice").await.unwrap(),
+                Some(c.clone())
+            );
+            assert!(
+                store
+                    .get_credentials("x.test", "bob")
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
             let c2 = StoredCredentials::from_password("pw2", 4096).unwrap();
             assert!(store.set_credentials("x.test", "alice", &c2).await.unwrap());
             assert!(!store.set_credentials("x.test", "bob", &c2).await.unwrap());
-            let got = store.get_credentials("x.test", "alice").await.unwrap().unwrap();
+            let got = store
+                .get_credentials("x.test", "alice")
+                .await
+                .unwrap()
+                .unwrap();
             assert!(got.verify_password("pw2"));
-            assert_eq!(store.list_accounts("x.test").await.unwrap(), vec!["alice".to_string()]);
+            assert_eq!(
+                store.list_accounts("x.test").await.unwrap(),
+                vec!["alice".to_string()]
+            );
             assert!(store.account_exists("x.test", "alice").await.unwrap());
             assert!(store.delete_account("x.test", "alice").await.unwrap());
             assert!(!store.delete_account("x.test", "alice").await.unwrap());

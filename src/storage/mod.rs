@@ -87,10 +87,10 @@ impl Store {
             .or_else(|| url.strip_prefix("sqlite:"))
         {
             let path = path.split('?').next().unwrap_or(path);
-            if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(e.into()))?;
-                }
+            if let Some(dir) = std::path::Path::new(path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(e.into()))?;
             }
             let opts = SqliteConnectOptions::new()
                 .filename(path)

@@ -19,7 +19,12 @@ pub fn unique_name(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{prefix}_{}_{}_{}", std::process::id(), t % 1_000_000_000, n)
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        t % 1_000_000_000,
+        n
+    )
 }
 
 /// A fresh temporary directory (left for the OS to clean up).

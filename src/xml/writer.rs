@@ -80,7 +80,8 @@ fn write_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
     }
     out.push(b'<');
     out.extend_from_slice(el.name().as_bytes());
-    let inherit = el_ns == parent_default || (is_content_ns(&el_ns) && is_content_ns(parent_default));
+    let inherit =
+        el_ns == parent_default || (is_content_ns(&el_ns) && is_content_ns(parent_default));
     if !inherit {
         out.extend_from_slice(b" xmlns='");
         escape_attr(out, &el_ns);
@@ -249,7 +250,10 @@ mod tests {
         );
         assert_eq!(reparse(&out), el);
         let standalone = String::from_utf8(serialize(&el)).unwrap();
-        assert!(standalone.starts_with("<stream:features xmlns:stream='http://etherx.jabber.org/streams'>"));
+        assert!(
+            standalone
+                .starts_with("<stream:features xmlns:stream='http://etherx.jabber.org/streams'>")
+        );
     }
 
     #[test]

@@ -55,7 +55,11 @@ impl TestServer {
         let handle = Server::start_with_store(config.clone(), store)
             .await
             .expect("server starts");
-        TestServer { handle: Some(handle), dir, config }
+        TestServer {
+            handle: Some(handle),
+            dir,
+            config,
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -103,7 +107,13 @@ impl TestServer {
         c
     }
 
-    pub async fn login_with(&self, user: &str, resource: &str, tls: TlsMode, mech: Mechanism) -> Result<XmppClient, starling::client::ClientError> {
+    pub async fn login_with(
+        &self,
+        user: &str,
+        resource: &str,
+        tls: TlsMode,
+        mech: Mechanism,
+    ) -> Result<XmppClient, starling::client::ClientError> {
         let mut o = self.login_options(user, resource);
         o.tls = tls;
         if tls == TlsMode::DirectTls {
@@ -147,7 +157,8 @@ where
 }
 
 pub fn parse(xml: &str) -> Element {
-    xml.parse().unwrap_or_else(|e| panic!("bad test XML {xml}: {e}"))
+    xml.parse()
+        .unwrap_or_else(|e| panic!("bad test XML {xml}: {e}"))
 }
 
 pub fn chat(to: &str, body: &str) -> Element {
@@ -178,7 +189,9 @@ pub async fn expect_silence(c: &mut XmppClient, ms: u64) {
     c.timeout = Duration::from_millis(ms);
     match c.recv_event().await {
         Err(starling::client::ClientError::Timeout) => {}
-        Ok(ClientEvent::Element(e)) => panic!("unexpected: {}", starling::xml::writer::to_string(&e)),
+        Ok(ClientEvent::Element(e)) => {
+            panic!("unexpected: {}", starling::xml::writer::to_string(&e))
+        }
         other => panic!("unexpected: {other:?}"),
     }
     c.timeout = old;
