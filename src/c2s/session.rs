@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use jid::Jid;
 use minidom::Element;
 
-use crate::modules::Flow;
+use crate::modules::{AvailabilityChange, Flow};
 use crate::server::Server;
 use crate::sessions::Session;
 use crate::stanza::{self, Kind};
@@ -24,21 +24,28 @@ pub fn presence_priority(p: &Element) -> i32 {
         .unwrap_or(0)
 }
 
-/// Record the availability a broadcast presence (no `to`) announces.
-pub fn update_availability(session: &Session, presence: &Element) {
+/// Record the availability a broadcast presence (no `to`) announces, and
+/// say what changed.
+pub fn update_availability(session: &Session, presence: &Element) -> Option<AvailabilityChange> {
     match presence.attr("type") {
         None => {
             session
                 .priority
                 .store(presence_priority(presence), Ordering::Relaxed);
             *session.presence.lock().unwrap_or_else(|p| p.into_inner()) = Some(presence.clone());
-            session.available.store(true, Ordering::Relaxed);
+            let was = session.available.swap(true, Ordering::Relaxed);
+            Some(if was {
+                AvailabilityChange::Update
+            } else {
+                AvailabilityChange::Initial
+            })
         }
         Some("unavailable") => {
-            session.available.store(false, Ordering::Relaxed);
+            let was = session.available.swap(false, Ordering::Relaxed);
             *session.presence.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            was.then_some(AvailabilityChange::Unavailable)
         }
-        _ => {}
+        _ => None,
     }
 }
 
@@ -50,7 +57,15 @@ impl Server {
         };
         let to = stanza.attr("to").and_then(|t| Jid::new(t).ok());
         if kind == Kind::Presence && to.is_none() {
-            update_availability(session, &stanza);
+            // A broadcast presence: the availability changes here, and the
+            // modules (roster/presence, offline) act on the change.
+            if let Some(change) = update_availability(session, &stanza) {
+                for m in self.modules.iter() {
+                    m.on_presence_broadcast(self, session, change, &stanza)
+                        .await;
+                }
+            }
+            return;
         }
         for m in self.modules.iter() {
             if m.on_user_send(self, session, &mut stanza).await == Flow::Stop {

@@ -24,6 +24,17 @@ use crate::server::Server;
 use crate::sessions::Session;
 use crate::stanza::StanzaError;
 
+/// How a broadcast presence (one without `to`) changed a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AvailabilityChange {
+    /// The first available presence of the session (RFC 6121 4.2).
+    Initial,
+    /// A later available presence (status, show or priority change).
+    Update,
+    /// `type='unavailable'` after being available.
+    Unavailable,
+}
+
 /// Whether the next hooks (and default processing) run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -87,7 +98,19 @@ pub trait Module: Send + Sync + 'static {
     async fn handle_iq(&self, _server: &Server, _req: IqRequest<'_>) -> IqReply {
         IqReply::Unhandled
     }
+    /// A local client sent a broadcast presence (no `to`) that changed its
+    /// availability; the session's priority and availability are already
+    /// updated. (Broadcast presences do not go through `on_user_send`.)
+    async fn on_presence_broadcast(
+        &self,
+        _server: &Server,
+        _session: &Arc<Session>,
+        _change: AvailabilityChange,
+        _presence: &Element,
+    ) {
+    }
     /// A stanza a local client sent (already `from`-stamped), before routing.
+    /// Broadcast presences do not come here (see `on_presence_broadcast`).
     async fn on_user_send(
         &self,
         _server: &Server,
