@@ -18,6 +18,59 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    pub sm: SmConfig,
+}
+
+/// Stream management (XEP-0198).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmConfig {
+    /// Allow sessions to be resumed after the connection drops.
+    pub resumption: bool,
+    /// Seconds a dropped session waits for resumption by default.
+    pub resume_timeout_secs: u32,
+    /// The longest resumption timeout a client may ask for (`max`).
+    pub max_resume_timeout_secs: u32,
+    /// Ask the client for an ack after this many unacknowledged stanzas...
+    pub ack_request_stanzas: u32,
+    /// ... or this many seconds after the first unacknowledged one.
+    pub ack_request_secs: u64,
+    /// Seconds an ack request may stay unanswered before the connection is
+    /// considered dead (the session then waits for resumption).
+    pub ack_timeout_secs: u64,
+    /// Most unacknowledged stanzas kept per session.
+    pub max_unacked: usize,
+}
+
+impl Default for SmConfig {
+    fn default() -> Self {
+        SmConfig {
+            resumption: true,
+            resume_timeout_secs: 300,
+            max_resume_timeout_secs: 3600,
+            ack_request_stanzas: 5,
+            ack_request_secs: 15,
+            ack_timeout_secs: 60,
+            max_unacked: 10_000,
+        }
+    }
+}
+
+impl SmConfig {
+    pub fn settings(&self) -> crate::c2s::sm::SmSettings {
+        crate::c2s::sm::SmSettings {
+            resumption: self.resumption,
+            default_timeout: self.resume_timeout_secs.max(1),
+            max_timeout: self
+                .max_resume_timeout_secs
+                .max(self.resume_timeout_secs)
+                .max(1),
+            request_after_stanzas: self.ack_request_stanzas.max(1),
+            request_after: std::time::Duration::from_secs(self.ack_request_secs.max(1)),
+            ack_timeout: std::time::Duration::from_secs(self.ack_timeout_secs.max(1)),
+            max_unacked: self.max_unacked.max(16),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

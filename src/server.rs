@@ -48,6 +48,8 @@ pub struct ServerInner {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub connections: ConnectionLimiter,
+    /// Resumable stream-management sessions by SM-ID.
+    pub sm_registry: crate::c2s::sm::SmRegistry,
     services: RwLock<HashMap<String, Arc<dyn Service>>>,
     remote: RwLock<Option<Arc<dyn RemoteRouter>>>,
     pending_iqs: Mutex<HashMap<String, oneshot::Sender<Element>>>,
@@ -175,6 +177,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connections: ConnectionLimiter::default(),
+            sm_registry: Default::default(),
             services: RwLock::new(HashMap::new()),
             remote: RwLock::new(None),
             pending_iqs: Mutex::new(HashMap::new()),
@@ -355,6 +358,8 @@ impl Server {
     pub fn c2s_settings(&self, kind: ListenerKind) -> Arc<crate::c2s::C2sSettings> {
         let pair = self.c2s_settings.get_or_init(|| {
             let mut features = self.modules.stream_features();
+            features.push(minidom::Element::builder("sm", crate::xml::ns::SM).build());
+            features.push(minidom::Element::builder("csi", crate::xml::ns::CSI).build());
             features.push(crate::modules::disco::caps_element(self));
             let base = crate::c2s::C2sSettings {
                 domains: self.config.server.domains.clone(),
@@ -364,6 +369,7 @@ impl Server {
                 max_auth_failures: self.config.auth.max_failures.max(1),
                 post_auth_features: features,
                 fake_salt_seed: self.secret.clone(),
+                sm: self.config.sm.settings(),
             };
             let direct = crate::c2s::C2sSettings {
                 starttls_available: false,

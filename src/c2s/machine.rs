@@ -13,6 +13,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 
+use super::csi::CsiFilter;
+use super::sm::{self, SmSettings, StreamManagement};
 use crate::auth::{
     self, AuthError, ChannelBindings, PlainMessage, ScramHash, ScramServer, StoredCredentials,
 };
@@ -35,6 +37,8 @@ pub struct C2sSettings {
     pub post_auth_features: Vec<Element>,
     /// Seed for fake salts of unknown users.
     pub fake_salt_seed: Vec<u8>,
+    /// Stream management (XEP-0198).
+    pub sm: SmSettings,
 }
 
 #[derive(Debug)]
@@ -47,6 +51,15 @@ pub enum Input {
     Credentials(Result<Option<StoredCredentials>, AuthError>),
     /// Answer to [`Output::Bind`].
     Bound(Result<FullJid, StanzaError>),
+    /// A stanza for the client (from the session mailbox).
+    Deliver(Element),
+    /// Time passed (stream-management timers).
+    Tick,
+    /// Answer to [`Output::Resume`] when the session cannot be resumed.
+    ResumeFailed {
+        condition: &'static str,
+        h: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,9 +99,26 @@ pub enum Output {
     StreamError {
         condition: &'static str,
         text: Option<String>,
+        app: Option<Element>,
     },
     /// The client closed its stream: send ours and close.
     CloseStream,
+    /// Stream management was enabled; with an id, the session is resumable
+    /// for `max` seconds.
+    SmEnabled {
+        id: Option<String>,
+        max: u32,
+    },
+    /// The client asks to resume the session `previd`, having handled `h`
+    /// of our stanzas; answer with [`Input::ResumeFailed`] if it cannot be.
+    Resume {
+        previd: String,
+        h: u32,
+    },
+    /// An ack request went unanswered: the transport is dead.
+    TransportDead,
+    /// Too many unacknowledged stanzas: the session cannot keep them.
+    Overflow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +130,7 @@ enum State {
     SaslChallenge,
     AwaitBind,
     BindPending,
+    ResumePending,
     Established,
     Closed,
 }
@@ -122,6 +153,8 @@ pub struct C2sMachine {
     auth_failures: u32,
     jid: Option<FullJid>,
     pending_bind: Option<Element>,
+    sm: Option<StreamManagement>,
+    csi: CsiFilter,
 }
 
 fn sasl_el(name_: &str) -> minidom::ElementBuilder {
@@ -154,6 +187,8 @@ impl C2sMachine {
             auth_failures: 0,
             jid: None,
             pending_bind: None,
+            sm: None,
+            csi: CsiFilter::default(),
         }
     }
 
@@ -197,6 +232,14 @@ impl C2sMachine {
             }
             Input::Credentials(c) => self.on_credentials(c, &mut out),
             Input::Bound(r) => self.on_bound(r, &mut out),
+            Input::Deliver(el) => self.deliver(el, &mut out),
+            Input::Tick => self.tick(&mut out),
+            Input::ResumeFailed { condition, h } => {
+                if self.state == State::ResumePending {
+                    self.state = State::AwaitBind;
+                    out.push(Output::Send(sm::failed(condition, h)));
+                }
+            }
         }
         out
     }
@@ -214,6 +257,7 @@ impl C2sMachine {
         out.push(Output::StreamError {
             condition,
             text: text.map(str::to_owned),
+            app: None,
         });
     }
 
@@ -349,7 +393,7 @@ impl C2sMachine {
             State::SaslChallenge => self.sasl_response(el, out),
             State::AwaitBind => self.await_bind(el, out),
             State::Established => self.established(el, out),
-            State::SaslLookup | State::BindPending | State::TlsPending => {
+            State::SaslLookup | State::BindPending | State::TlsPending | State::ResumePending => {
                 // The client must wait for our answer.
                 self.stream_error(
                     "policy-violation",
@@ -608,6 +652,26 @@ impl C2sMachine {
     }
 
     fn await_bind(&mut self, el: Element, out: &mut Vec<Output>) {
+        if el.ns() == ns::SM {
+            if el.name() == "resume" {
+                if !self.settings.sm.resumption {
+                    out.push(Output::Send(sm::failed("feature-not-implemented", None)));
+                    return;
+                }
+                let previd = el.attr("previd").map(str::to_owned);
+                let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
+                let (Some(previd), Some(h)) = (previd, h) else {
+                    out.push(Output::Send(sm::failed("bad-request", None)));
+                    return;
+                };
+                self.state = State::ResumePending;
+                out.push(Output::Resume { previd, h });
+                return;
+            }
+            // <enable/> before binding, <r/>, <a/>: out of order.
+            out.push(Output::Send(sm::failed("unexpected-request", None)));
+            return;
+        }
         if stanza::kind(&el) == Some(Kind::Iq)
             && el.attr("type") == Some("set")
             && let Some(bind) = el.get_child("bind", ns::BIND)
@@ -662,9 +726,30 @@ impl C2sMachine {
     }
 
     fn established(&mut self, mut el: Element, out: &mut Vec<Output>) {
+        if el.ns() == ns::SM {
+            return self.sm_element(el, out);
+        }
+        if el.ns() == ns::CSI {
+            match el.name() {
+                "active" => {
+                    for e in self.csi.set_active() {
+                        self.send_stanza(e, out);
+                    }
+                }
+                "inactive" => self.csi.set_inactive(),
+                _ => return self.stream_error("unsupported-stanza-type", None, out),
+            }
+            return;
+        }
         let Some(kind) = stanza::kind(&el) else {
             return self.stream_error("unsupported-stanza-type", None, out);
         };
+        // XEP-0198: every stanza counts as handled once processed; the
+        // driver processes it completely before the next input, so an <a/>
+        // sent later covers only stanzas delivered, stored or bounced.
+        if let Some(sm) = self.sm.as_mut() {
+            sm.handled_inbound();
+        }
         let Some(jid) = self.jid.clone() else {
             return self.stream_error("internal-server-error", None, out);
         };
@@ -736,6 +821,172 @@ impl C2sMachine {
         }
         out.push(Output::Stanza(el));
     }
+
+    fn sm_element(&mut self, el: Element, out: &mut Vec<Output>) {
+        match el.name() {
+            "enable" => {
+                if self.sm.is_some() {
+                    out.push(Output::Send(sm::failed("unexpected-request", None)));
+                    return;
+                }
+                let s = &self.settings.sm;
+                let wants_resume =
+                    matches!(el.attr("resume"), Some("true") | Some("1")) && s.resumption;
+                let max = el
+                    .attr("max")
+                    .and_then(|m| m.parse::<u32>().ok())
+                    .unwrap_or(s.default_timeout)
+                    .clamp(1, s.max_timeout.max(1));
+                let id = wants_resume.then(|| format!("{}{}", stanza::new_id(), stanza::new_id()));
+                let state = StreamManagement::new(id.clone(), max);
+                out.push(Output::Send(state.enabled_element(wants_resume)));
+                self.sm = Some(state);
+                out.push(Output::SmEnabled { id, max });
+            }
+            "r" => match &self.sm {
+                Some(sm) => out.push(Output::Send(sm::ack_element(sm.inbound))),
+                None => out.push(Output::Send(sm::failed("unexpected-request", None))),
+            },
+            "a" => {
+                let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
+                match (self.sm.as_mut(), h) {
+                    (Some(sm), Some(h)) => {
+                        if let Err(e) = sm.ack(h) {
+                            let app = Element::builder("handled-count-too-high", ns::SM)
+                                .attr(name("h"), e.h.to_string())
+                                .attr(name("send-count"), e.send_count.to_string())
+                                .build();
+                            self.state = State::Closed;
+                            out.push(Output::StreamError {
+                                condition: "undefined-condition",
+                                text: Some(format!(
+                                    "You acknowledged {} stanzas, but I only sent you {} so far.",
+                                    e.h, e.send_count
+                                )),
+                                app: Some(app),
+                            });
+                        }
+                    }
+                    (Some(_), None) => {
+                        self.stream_error("invalid-xml", Some("<a/> without a valid h"), out)
+                    }
+                    (None, _) => out.push(Output::Send(sm::failed("unexpected-request", None))),
+                }
+            }
+            "resume" => out.push(Output::Send(sm::failed("unexpected-request", None))),
+            _ => self.stream_error("unsupported-stanza-type", None, out),
+        }
+    }
+
+    /// Send a stanza to the client, counting it for stream management.
+    fn send_stanza(&mut self, el: Element, out: &mut Vec<Output>) {
+        if let Some(sm) = self.sm.as_mut() {
+            sm.sent(el.clone(), tokio::time::Instant::now());
+            if sm.unacked.len() > self.settings.sm.max_unacked {
+                out.push(Output::Overflow);
+            }
+        }
+        out.push(Output::Send(el));
+    }
+
+    fn deliver(&mut self, el: Element, out: &mut Vec<Output>) {
+        if self.state != State::Established {
+            return;
+        }
+        for e in self.csi.filter(el) {
+            self.send_stanza(e, out);
+        }
+        self.maybe_request(out);
+    }
+
+    fn maybe_request(&mut self, out: &mut Vec<Output>) {
+        let now = tokio::time::Instant::now();
+        if let Some(sm) = self.sm.as_mut()
+            && sm.should_request(&self.settings.sm, now)
+        {
+            sm.requested(now);
+            out.push(Output::Send(sm::request_element()));
+        }
+    }
+
+    fn tick(&mut self, out: &mut Vec<Output>) {
+        if self.state != State::Established {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if let Some(sm) = &self.sm
+            && sm.ack_overdue(&self.settings.sm, now)
+        {
+            out.push(Output::TransportDead);
+            return;
+        }
+        self.maybe_request(out);
+    }
+
+    /// When stream-management timers next need a [`Input::Tick`].
+    pub fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.sm
+            .as_ref()
+            .and_then(|sm| sm.next_deadline(&self.settings.sm))
+    }
+
+    /// The SM-ID and timeout if this session can be resumed.
+    pub fn resumable(&self) -> Option<(&str, u32)> {
+        match (&self.sm, self.state) {
+            (Some(sm), State::Established) => sm.id.as_deref().map(|id| (id, sm.max)),
+            _ => None,
+        }
+    }
+
+    /// Stanzas handled from the client (our h).
+    pub fn sm_inbound(&self) -> Option<u32> {
+        self.sm.as_ref().map(|sm| sm.inbound)
+    }
+
+    /// Everything sent but not acknowledged, and what CSI holds back.
+    pub fn take_unacked(&mut self) -> Vec<Element> {
+        let mut v = self
+            .sm
+            .as_mut()
+            .map(|sm| sm.take_unacked())
+            .unwrap_or_default();
+        v.extend(self.csi.flush());
+        v
+    }
+
+    /// This (old) session is being resumed on a new transport by a client
+    /// that handled `h` of our stanzas: `<resumed/>` and the retransmission,
+    /// or the `<failed/>` condition.
+    pub fn resume_here(
+        &mut self,
+        h: u32,
+        secure: bool,
+    ) -> Result<Vec<Output>, (&'static str, Option<u32>)> {
+        let Some(sm) = self.sm.as_mut().filter(|sm| sm.id.is_some()) else {
+            return Err(("item-not-found", None));
+        };
+        if self.state != State::Established {
+            return Err(("item-not-found", None));
+        }
+        if sm.ack(h).is_err() {
+            return Err(("unexpected-request", Some(sm.inbound)));
+        }
+        let mut out = Vec::with_capacity(sm.unacked.len() + 1);
+        let resumed = Element::builder("resumed", ns::SM)
+            .attr(name("previd"), sm.id.clone().unwrap_or_default())
+            .attr(name("h"), sm.inbound.to_string())
+            .build();
+        out.push(Output::Send(resumed));
+        for e in sm.unacked.iter() {
+            out.push(Output::Send(e.clone()));
+        }
+        sm.request_outstanding = None;
+        sm.since_request = 0;
+        sm.unrequested_since = None;
+        self.secure = secure;
+        self.maybe_request(&mut out);
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -752,6 +1003,7 @@ mod tests {
             max_auth_failures: 3,
             post_auth_features: vec![Element::builder("sm", ns::SM).build()],
             fake_salt_seed: b"seed".to_vec(),
+            sm: SmSettings::default(),
         })
     }
 

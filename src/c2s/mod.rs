@@ -2,8 +2,11 @@
 //! and the session-level stanza rules shared by every client transport.
 
 pub mod connection;
+pub mod csi;
 pub mod machine;
 pub mod session;
+pub mod sm;
+pub mod transport;
 
-pub use connection::{refuse, serve};
+pub use connection::{refuse, serve, serve_transport};
 pub use machine::{C2sMachine, C2sSettings};
