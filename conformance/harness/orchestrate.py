@@ -375,6 +375,17 @@ def junit(rows: list[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def update_readme(md: str, versions: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start = text.index("<!-- conformance-table:start")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- conformance-table:end -->")
+    used = ", ".join(f"{k} {v}" for k, v in versions.items())
+    readme.write_text(text[:start] + md + f"\n\nWith {used}.\n" + text[end:])
+    log(f"updated the table in {readme}")
+
+
 def tool_versions() -> dict:
     v = {}
     try:
@@ -405,6 +416,8 @@ def main() -> int:
     ap.add_argument("--pidfile", type=Path, help="append the PID of every process started here")
     ap.add_argument("--backends", default=os.environ.get("CONFORMANCE_BACKENDS", "sqlite,postgresql"))
     ap.add_argument("--suites", default=os.environ.get("CONFORMANCE_SUITES", ",".join(SUITES)))
+    ap.add_argument("--update-readme", action="store_true",
+                    help="replace the results table in README.md (section Compatibility)")
     ap.add_argument("--target", default="starling", choices=["starling", "prosody"],
                     help="prosody: run the client suites against Prosody (to check the cases)")
     args = ap.parse_args()
@@ -460,6 +473,8 @@ def main() -> int:
     print(f"Clients and peers: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"Results: {out / 'results.json'}, {out / 'junit.xml'}, {out / 'results.md'} "
           f"({duration:.0f}s, commit {commit})")
+    if args.update_readme:
+        update_readme(md, versions)
     print(f"{counts['miss']} informational rows (client expectations not claimed yet)")
     print(f"conformance: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
     return 1 if counts["fail"] else 0
