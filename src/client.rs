@@ -93,7 +93,50 @@ pub struct KeyCache(Arc<Mutex<HashMap<KeyCacheKey, Vec<u8>>>>);
 /// (password, salt, iterations, is SHA-256)
 type KeyCacheKey = (String, Vec<u8>, u32, bool);
 
+/// One salted password of a [`KeyCache`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyCacheEntry {
+    pub password: String,
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    /// SHA-256 (else SHA-1).
+    pub sha256: bool,
+    pub salted: Vec<u8>,
+}
+
 impl KeyCache {
+    /// Every cached entry. Used to persist the cache between benchmark runs.
+    pub fn entries(&self) -> Vec<KeyCacheEntry> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((password, salt, iterations, sha256), v)| KeyCacheEntry {
+                password: password.clone(),
+                salt: salt.clone(),
+                iterations: *iterations,
+                sha256: *sha256,
+                salted: v.clone(),
+            })
+            .collect()
+    }
+
+    /// Add an entry computed before (see [`KeyCache::entries`]).
+    pub fn insert(&self, e: KeyCacheEntry) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((e.password, e.salt, e.iterations, e.sha256), e.salted);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn salted(&self, hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Vec<u8> {
         let key = (
             password.to_owned(),
@@ -281,6 +324,17 @@ impl XmppClient {
         domain: &str,
         tls: TlsMode,
     ) -> Result<Self, ClientError> {
+        Self::connect_with_timeout(addr, domain, tls, Duration::from_secs(10)).await
+    }
+
+    /// [`XmppClient::connect`] with the given timeout for each read (a
+    /// loaded server may take longer than the default 10 s to answer).
+    pub async fn connect_with_timeout(
+        addr: SocketAddr,
+        domain: &str,
+        tls: TlsMode,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
         let socket = match tls {
@@ -299,7 +353,7 @@ impl XmppClient {
             jid: None,
             stream_id: None,
             closed: false,
-            timeout: Duration::from_secs(10),
+            timeout,
         };
         c.open_stream().await?;
         if tls == TlsMode::StartTls {
@@ -668,6 +722,13 @@ impl XmppClient {
                 && matches!(e.attr("type"), Some("result") | Some("error"))
         })
         .await
+    }
+
+    /// Take the stream apart after negotiation, for a driver that reads and
+    /// writes on its own (the load generator): the socket, the parser with
+    /// whatever it has buffered, and the elements received but not consumed.
+    pub fn into_parts(self) -> (ClientSocket, StreamParser, VecDeque<Element>) {
+        (self.socket, self.parser, self.queue)
     }
 
     /// Close our stream and wait for the server's close.

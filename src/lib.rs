@@ -4,6 +4,7 @@
 //! serve` (src/main.rs) and the integration tests both use it.
 
 pub mod auth;
+pub mod bench;
 pub mod c2s;
 pub mod client;
 pub mod config;
