@@ -22,6 +22,18 @@ from pathlib import Path
 from typing import Callable
 
 
+def recording_spawn(pidfile: str | None) -> Callable[..., subprocess.Popen]:
+    """A `spawn` that appends each PID to `pidfile` (so conformance/run can
+    stop it even if the suite is killed)."""
+    def spawn(args: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(args, start_new_session=True, **kw)
+        if pidfile:
+            with open(pidfile, "a") as f:
+                f.write(f"{p.pid}\n")
+        return p
+    return spawn
+
+
 def available() -> bool:
     return shutil.which("prosody") is not None and shutil.which("prosodyctl") is not None
 

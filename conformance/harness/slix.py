@@ -28,11 +28,15 @@ DEFAULT_PLUGINS = ("xep_0030", "xep_0199", "xep_0092", "xep_0202")
 class Client(slixmpp.ClientXMPP):
     def __init__(self, ctx: Context, account: Account, *, resource: str | None = None,
                  mech: str | None = None, direct_tls: bool = False,
-                 plugins: tuple[str, ...] = DEFAULT_PLUGINS):
+                 plugins: tuple[str, ...] = DEFAULT_PLUGINS,
+                 server: tuple[str, int, str] | None = None):
+        """`server` = (host, port, cafile) of another server (a peer);
+        default: the Starling under test."""
         jid = account.jid + (f"/{resource}" if resource else "")
         super().__init__(jid, account.password, sasl_mech=mech)
         self.ctx = ctx
-        self.ssl_context = ssl.create_default_context(cafile=ctx.cafile)
+        self.target_server = server
+        self.ssl_context = ssl.create_default_context(cafile=server[2] if server else ctx.cafile)
         self.direct_tls = direct_tls
         self.enable_direct_tls = direct_tls
         self.enable_starttls = not direct_tls
@@ -80,8 +84,12 @@ class Client(slixmpp.ClientXMPP):
         self.add_event_handler("connection_failed", finish("connection failed"))
         self.add_event_handler("stream_error", finish("stream error"))
         self.add_event_handler("disconnected", finish("disconnected"))
-        port = self.ctx.tls_port if self.direct_tls else self.ctx.starttls_port
-        self.connect(self.ctx.host, port)
+        if self.target_server:
+            host, port = self.target_server[0], self.target_server[1]
+        else:
+            host = self.ctx.host
+            port = self.ctx.tls_port if self.direct_tls else self.ctx.starttls_port
+        self.connect(host, port)
         try:
             outcome, event = await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
