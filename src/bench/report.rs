@@ -230,7 +230,7 @@ pub fn target(title: &str) -> &'static str {
 
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
-    let s = if a >= 100.0 {
+    let s = if a >= 100.0 || (v.fract() == 0.0 && a < 1e15) {
         format!("{v:.0}")
     } else if a >= 10.0 {
         format!("{v:.1}")
@@ -407,6 +407,8 @@ mod tests {
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(1.234), "1.23");
         assert_eq!(fmt_num(-1500.0), "-1,500");
+        assert_eq!(fmt_num(0.0), "0");
+        assert_eq!(fmt_num(20.0), "20");
     }
 
     #[test]

@@ -407,6 +407,15 @@ fn summary(v: &Value) -> String {
     }
 }
 
+/// A scenario that could not do its work (no login at all, an error):
+/// not a slow server, a broken run.
+fn scenario_failed(v: &Value) -> bool {
+    !v["error"].is_null()
+        || !v["result"]["error"].is_null()
+        || v["logins"]["ok"].as_u64() == Some(0)
+        || (v["scenario"] == "idle" && v["alive_after_settle"].as_u64() == Some(0))
+}
+
 async fn run(cli: Cli) -> Result<Option<Value>, String> {
     let g = &cli.g;
     let keys = KeyCache::default();
@@ -655,8 +664,14 @@ fn main() -> ExitCode {
     let outcome = rt.block_on(async move { tokio::time::timeout(limit, run(cli)).await });
     let code = match outcome {
         Ok(Ok(Some(v))) => {
+            let failed = scenario_failed(&v);
             emit(&g, v);
-            ExitCode::SUCCESS
+            if failed {
+                eprintln!("starling-bench: the scenario could not run (see above)");
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Ok(Ok(None)) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
