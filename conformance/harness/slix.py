@@ -47,12 +47,20 @@ class Client(slixmpp.ClientXMPP):
         self.sasl_offered: list[str] = []
         self.messages: asyncio.Queue = asyncio.Queue()
         self.presences: asyncio.Queue = asyncio.Queue()
+        # Every message and presence in order of arrival, for order checks.
+        self.arrivals: list = []
+
+        def on_message(m):
+            self.arrivals.append(m)
+            self.messages.put_nowait(m)
+
+        def on_presence(p):
+            self.arrivals.append(p)
+            self.presences.put_nowait(p)
         self.register_handler(Callback(
-            "conformance messages", MatchXPath("{jabber:client}message"),
-            lambda m: self.messages.put_nowait(m)))
+            "conformance messages", MatchXPath("{jabber:client}message"), on_message))
         self.register_handler(Callback(
-            "conformance presences", MatchXPath("{jabber:client}presence"),
-            lambda p: self.presences.put_nowait(p)))
+            "conformance presences", MatchXPath("{jabber:client}presence"), on_presence))
 
     async def _handle_stream_features(self, features):  # noqa: D401 (slixmpp hook)
         self.stream_steps.append([child.tag for child in features.xml])

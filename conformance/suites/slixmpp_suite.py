@@ -454,6 +454,35 @@ async def muc_basic(ctx):
                                what="bob's leave")
 
 
+@suite.case("client state indication: presence held while inactive, messages not (XEP-0352)",
+            requires=[stream_feature("urn:xmpp:csi:0", "csi")])
+async def csi(ctx):
+    a, b = ctx.accounts(2, "csi")
+    ca = Client(ctx, a, resource="desk")
+    cb = Client(ctx, b, resource="phone", plugins=("xep_0030", "xep_0352"))
+    async with clients(ca, cb):
+        await ca.online()
+        await cb.online()
+        cb.plugin["xep_0352"].send_inactive()
+        await asyncio.sleep(0.2)
+        status = "held " + token()
+        ca.send_presence(pto=cb.boundjid.full, pshow="away", pstatus=status)
+        try:
+            p = await cb.next_presence(lambda p: p["status"] == status, timeout=1.0)
+            raise Fail(f"presence reached the inactive client at once: {p}")
+        except Fail as e:
+            if "did not receive" not in str(e):
+                raise
+        body = "urgent " + token()
+        ca.send_message(mto=cb.boundjid.full, mbody=body, mtype="chat")
+        msg = await cb.next_message(lambda m: m["body"] == body, what="the message while inactive")
+        pres = await cb.next_presence(lambda p: p["status"] == status, timeout=1.0,
+                                      what="the held presence, flushed with the message")
+        check(cb.arrivals.index(pres) < cb.arrivals.index(msg),
+              "the held presence arrived after the message (order not kept)")
+        cb.plugin["xep_0352"].send_active()
+
+
 @suite.case("stream management: resume after a dropped connection (XEP-0198)",
             requires=[stream_feature(NS_SM, "sm")])
 async def sm_resume(ctx):
