@@ -19,6 +19,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub sm: SmConfig,
+    pub offline: OfflineConfig,
+    pub vcard: VCardConfig,
+    pub private_storage: PrivateStorageConfig,
 }
 
 /// Stream management (XEP-0198).
@@ -153,6 +156,57 @@ pub struct AuthConfig {
     pub failure_window_secs: u64,
 }
 
+/// Offline messages (XEP-0160).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OfflineConfig {
+    /// Messages stored per user while they are offline; further messages
+    /// are bounced with `service-unavailable`. 0 switches offline storage
+    /// off (and `msgoffline` is no longer advertised).
+    pub max_per_user: usize,
+}
+
+/// vCard-temp (XEP-0054).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VCardConfig {
+    /// Largest vCard (serialised XML, including an embedded photo) in bytes.
+    pub max_bytes: usize,
+}
+
+/// Private XML storage (XEP-0049).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivateStorageConfig {
+    /// Largest data stored under one namespace (serialised XML) in bytes.
+    pub max_bytes: usize,
+    /// Namespaces one account may store data under.
+    pub max_namespaces: usize,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        OfflineConfig { max_per_user: 1000 }
+    }
+}
+
+impl Default for VCardConfig {
+    fn default() -> Self {
+        VCardConfig {
+            max_bytes: 128 * 1024,
+        }
+    }
+}
+
+impl Default for PrivateStorageConfig {
+    fn default() -> Self {
+        PrivateStorageConfig {
+            max_bytes: 64 * 1024,
+            max_namespaces: 64,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -272,6 +326,17 @@ impl Config {
         if self.auth.scram_iterations < 4096 {
             return Err(ConfigError::Invalid(
                 "auth.scram_iterations must be at least 4096".into(),
+            ));
+        }
+        if self.vcard.max_bytes < 256 {
+            return Err(ConfigError::Invalid(
+                "vcard.max_bytes must be at least 256".into(),
+            ));
+        }
+        if self.private_storage.max_bytes < 256 || self.private_storage.max_namespaces == 0 {
+            return Err(ConfigError::Invalid(
+                "private_storage.max_bytes must be at least 256 and max_namespaces at least 1"
+                    .into(),
             ));
         }
         if self.tls.certificate.is_some() != self.tls.key.is_some() {

@@ -322,7 +322,17 @@ impl Server {
             }
             "groupchat" => Self::bounce_into(queue, &stanza, StanzaError::service_unavailable()),
             "headline" => {
-                for s in self.sessions.nonnegative_available(bare) {
+                let targets = self.sessions.nonnegative_available(bare);
+                if targets.is_empty() {
+                    // Dropped (RFC 6121 8.5.2.2.1) unless a module keeps
+                    // it (a `<store/>` hint, XEP-0334).
+                    for m in self.modules.iter() {
+                        if m.on_undeliverable(self, bare, &stanza).await == Flow::Stop {
+                            break;
+                        }
+                    }
+                }
+                for s in targets {
                     self.send_to_session(&s, stanza.clone()).await;
                 }
             }

@@ -8,9 +8,13 @@
 //! delivery to session mailboxes -> `on_delivered` (carbons `received`), or
 //! `on_undeliverable` (offline storage) when no resource can take it.
 
+pub mod carbons;
 pub mod disco;
+pub mod offline;
 pub mod ping;
+pub mod private;
 pub mod time;
+pub mod vcard;
 pub mod version;
 
 use std::collections::HashMap;
@@ -133,7 +137,8 @@ pub trait Module: Send + Sync + 'static {
     ) {
     }
     /// No resource of `to` can take this message (RFC 6121 8.5.2.2).
-    /// Return Stop when it was taken care of (e.g. stored offline).
+    /// Return Stop when it was taken care of (e.g. stored offline); else
+    /// the sender gets `service-unavailable` (headlines are dropped).
     async fn on_undeliverable(&self, _server: &Server, _to: &BareJid, _stanza: &Element) -> Flow {
         Flow::Continue
     }
@@ -144,6 +149,27 @@ pub trait Module: Send + Sync + 'static {
     /// Start background tasks, once, when the server starts.
     fn start(&self, _server: &Server) {}
 }
+
+/// An advertised disco feature that is not the payload namespace of an IQ:
+/// behaviour a module implements in its hooks.
+#[derive(Debug, Clone, Copy)]
+pub struct HookFeature {
+    pub feature: &'static str,
+    /// The module that advertises and implements it (`Module::name`).
+    pub module: &'static str,
+    /// The integration test proving the behaviour, as `file::test_name`.
+    pub test: &'static str,
+}
+
+/// Every advertised feature must be either an IQ namespace some module
+/// answers (or a `#` sub-feature of one), or listed here with its module and
+/// test. [`Modules::unhandled_features`] checks it, and so do the tests in
+/// `tests/disco_features.rs`: add a row when a module advertises behaviour.
+pub const HOOK_FEATURES: &[HookFeature] = &[HookFeature {
+    feature: crate::xml::ns::OFFLINE,
+    module: "offline",
+    test: "offline::messages_to_an_offline_user_arrive_once_in_order_with_delay",
+}];
 
 /// The ordered module list, with the IQ namespace index.
 pub struct Modules {
@@ -163,13 +189,24 @@ impl Modules {
     }
 
     /// The modules of a standard server, in hook order.
-    pub fn standard(_config: &crate::config::Config) -> Self {
-        Modules::new(vec![
+    pub fn standard(config: &crate::config::Config) -> Self {
+        let mut list: Vec<Arc<dyn Module>> = vec![
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
             Arc::new(version::Version),
             Arc::new(time::EntityTime),
-        ])
+            // After blocking and archiving (which may stop or stamp a
+            // message) so that copies carry what the recipient gets.
+            Arc::new(carbons::Carbons),
+            Arc::new(vcard::VCard),
+            Arc::new(private::PrivateStorage),
+        ];
+        // Last: offline delivery after the presence work of an initial
+        // presence; storage only for what no other module took.
+        if config.offline.max_per_user > 0 {
+            list.push(Arc::new(offline::Offline));
+        }
+        Modules::new(list)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Module>> {
@@ -203,7 +240,84 @@ impl Modules {
         v
     }
 
+    /// Advertised features (server or account) with nothing behind them:
+    /// `(module, feature)` for each feature that is neither an IQ namespace
+    /// with a handler (nor a `#` sub-feature of one) nor a [`HOOK_FEATURES`]
+    /// row of the module advertising it.
+    pub fn unhandled_features(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        for m in &self.list {
+            let mut features = m.server_features();
+            features.extend(m.account_features());
+            for f in features {
+                let base = f.split('#').next().unwrap_or(f);
+                let iq = self.by_ns.contains_key(f) || self.by_ns.contains_key(base);
+                let hook = HOOK_FEATURES
+                    .iter()
+                    .any(|h| h.feature == f && h.module == m.name());
+                if !iq && !hook {
+                    out.push((m.name(), f));
+                }
+            }
+        }
+        out
+    }
+
     pub fn stream_features(&self) -> Vec<Element> {
         self.list.iter().flat_map(|m| m.stream_features()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Advertiser(&'static str, Vec<&'static str>);
+
+    #[async_trait]
+    impl Module for Advertiser {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn server_features(&self) -> Vec<&'static str> {
+            self.1.clone()
+        }
+    }
+
+    #[test]
+    fn every_standard_feature_has_a_handler() {
+        let modules = Modules::standard(&crate::config::Config::default());
+        assert_eq!(modules.unhandled_features(), Vec::new());
+        assert!(modules.server_features().contains(&crate::xml::ns::OFFLINE));
+    }
+
+    #[test]
+    fn a_feature_without_handler_is_reported() {
+        let mut list: Vec<Arc<dyn Module>> = vec![Arc::new(ping::Ping)];
+        list.push(Arc::new(Advertiser(
+            "liar",
+            vec![
+                "urn:xmpp:ping",
+                "urn:xmpp:ping#sub",
+                "urn:example:nothing",
+                "msgoffline",
+            ],
+        )));
+        let modules = Modules::new(list);
+        // The ping namespace has a handler (in another module) and so has
+        // its sub-feature; msgoffline is a hook feature of another module.
+        assert_eq!(
+            modules.unhandled_features(),
+            vec![("liar", "urn:example:nothing"), ("liar", "msgoffline")]
+        );
+    }
+
+    #[test]
+    fn offline_storage_can_be_switched_off() {
+        let mut cfg = crate::config::Config::default();
+        cfg.offline.max_per_user = 0;
+        let modules = Modules::standard(&cfg);
+        assert!(!modules.server_features().contains(&crate::xml::ns::OFFLINE));
+        assert!(modules.iter().all(|m| m.name() != "offline"));
     }
 }

@@ -7,7 +7,10 @@
 //! `migrations/sqlite` and `migrations/postgres` and are applied at open.
 
 pub mod accounts;
+pub mod offline;
+pub mod private;
 pub mod testing;
+pub mod vcard;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -18,6 +21,9 @@ use sqlx::sqlite::{
 };
 
 pub use accounts::AccountStore;
+pub use offline::{OfflineMessage, OfflineStore};
+pub use private::PrivateStore;
+pub use vcard::VCardStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,7 +41,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Tables holding per-user data in an `owner` column (the bare JID); their
 /// rows go when the account is deleted.
-pub const USER_TABLES: &[&str] = &[];
+pub const USER_TABLES: &[&str] = &["offline_messages", "vcards", "private_storage"];
 
 #[derive(Clone, Debug)]
 pub enum Db {

@@ -89,3 +89,56 @@ where
         store.close().await;
     }
 }
+
+/// A database that can be opened again (to test what survives a restart):
+/// an SQLite file, or a PostgreSQL schema.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub url: String,
+    pub pg_schema: Option<String>,
+}
+
+impl TestDb {
+    /// A fresh SQLite file.
+    pub fn sqlite() -> TestDb {
+        let dir = temp_dir("starling_db");
+        TestDb {
+            url: format!("sqlite://{}", dir.join("test.db").display()),
+            pg_schema: None,
+        }
+    }
+
+    /// A fresh PostgreSQL schema, if PostgreSQL is configured.
+    pub async fn postgres() -> Option<TestDb> {
+        let (url, schema) = pg_schema().await?;
+        Some(TestDb {
+            url,
+            pg_schema: Some(schema),
+        })
+    }
+
+    /// Every backend available to this test run, each a fresh database.
+    pub async fn all() -> Vec<TestDb> {
+        let mut v = vec![TestDb::sqlite()];
+        if let Some(pg) = TestDb::postgres().await {
+            v.push(pg);
+        }
+        v
+    }
+
+    /// Open (and migrate) a store on this database; call again after
+    /// closing the previous store to simulate a restart.
+    pub async fn open(&self) -> Store {
+        Store::open_with(&self.url, 4, self.pg_schema.as_deref())
+            .await
+            .expect("open test store")
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        if self.pg_schema.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+}

@@ -200,3 +200,51 @@ pub async fn expect_silence(c: &mut XmppClient, ms: u64) {
 pub fn body(e: &Element) -> Option<String> {
     e.get_child("body", "jabber:client").map(|b| b.text())
 }
+
+/// Round trip a ping to the server: everything the client sent before has
+/// been processed when this returns (a session's stanzas are handled in
+/// order).
+pub async fn sync(c: &mut XmppClient) {
+    let r = c
+        .iq(parse(
+            "<iq xmlns='jabber:client' type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("ping: {e}"));
+    assert_eq!(r.attr("type"), Some("result"), "ping answered");
+}
+
+/// An IQ from a string; fails the test on timeout or close.
+pub async fn iq(c: &mut XmppClient, xml: &str) -> Element {
+    c.iq(parse(xml))
+        .await
+        .unwrap_or_else(|e| panic!("iq {xml}: {e}"))
+}
+
+/// The stanza error condition, if `e` is an error.
+pub fn error_condition(e: &Element) -> Option<String> {
+    starling::client::stanza_error_condition(e)
+}
+
+/// Assert that no message stanza arrives within `ms` milliseconds (presence
+/// and other stanzas are skipped: other modules may send those).
+pub async fn expect_no_message(c: &mut XmppClient, ms: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let old = c.timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        c.timeout = left;
+        match c.recv_event().await {
+            Err(starling::client::ClientError::Timeout) => break,
+            Ok(ClientEvent::Element(e)) if e.name() == "message" => {
+                panic!("unexpected: {}", starling::xml::writer::to_string(&e))
+            }
+            Ok(ClientEvent::Element(_)) => continue,
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    c.timeout = old;
+}

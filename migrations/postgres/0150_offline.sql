@@ -1,0 +1,9 @@
+-- Offline messages (XEP-0160): one row per stored message, delivered in id
+-- order at the owner's next available presence, then deleted.
+CREATE TABLE offline_messages (
+    id         BIGSERIAL PRIMARY KEY,
+    owner      TEXT   NOT NULL,
+    stored_at  BIGINT NOT NULL,
+    xml        TEXT   NOT NULL
+);
+CREATE INDEX offline_messages_owner ON offline_messages (owner, id);
