@@ -387,6 +387,133 @@ async def carbons(ctx):
         await a2.next_message(carbon("received", received), what="a <received/> carbon")
 
 
+@suite.case("offline: messages arrive once, in order, with delay; headline not stored (XEP-0160)",
+            requires=[server_feature("msgoffline")])
+async def offline_order_once(ctx):
+    a, b = ctx.accounts(2, "offline")
+    ca = await online(ctx, a)
+    async with clients(ca):
+        tag = token()
+        bodies = [f"offline {i} {tag}" for i in range(5)]
+        for body in bodies:
+            ca.send_message(mto=b.jid, mbody=body, mtype="chat")
+        ca.send_message(mto=b.jid, mbody="headline " + tag, mtype="headline")
+        await ca.no_message(lambda m: m["type"] == "error", seconds=1.0)
+        cb = Client(ctx, b, resource="first")
+        async with clients(cb):
+            await cb.online()
+            got = []
+            for _ in bodies:
+                m = await cb.next_message(lambda m: tag in m["body"], what="an offline message")
+                delay = m.xml.find(f"{{{NS_DELAY}}}delay")
+                check(delay is not None and delay.get("from") == ctx.domain,
+                      f"offline message without <delay from='{ctx.domain}'/>")
+                got.append(m["body"])
+            check(got == bodies, f"order {got}")
+            await cb.no_message(lambda m: tag in m["body"], seconds=1.0)
+            # Exactly once: another resource coming online gets none of them.
+            cb2 = Client(ctx, b, resource="second")
+            async with clients(cb2):
+                await cb2.online()
+                await cb2.no_message(lambda m: tag in m["body"], seconds=1.0)
+
+
+@suite.case("carbons: <private/> messages are not copied, others are (XEP-0280)",
+            requires=[server_feature(NS_CARBONS)])
+async def carbons_private(ctx):
+    a, b = ctx.accounts(2, "carbons")
+    plugins = ("xep_0030", "xep_0280")
+    a1 = Client(ctx, a, resource="one", plugins=plugins)
+    a2 = Client(ctx, a, resource="two", plugins=plugins)
+    b1 = Client(ctx, b, resource="one", plugins=plugins)
+    b2 = Client(ctx, b, resource="two", plugins=plugins)
+    async with clients(a1, a2, b1, b2):
+        for c in (a1, a2, b1, b2):
+            await c.online()
+            await c.plugin["xep_0280"].enable()
+        secret = "private " + token()
+        m = a1.make_message(mto=b1.boundjid.full, mbody=secret, mtype="chat")
+        m.xml.append(ET.Element(f"{{{NS_CARBONS}}}private"))
+        m.xml.append(ET.Element("{urn:xmpp:hints}no-copy"))
+        m.send()
+        await b1.next_message(lambda m: m["body"] == secret, what="the private message")
+
+        def copy_of(body):
+            def pred(m):
+                for kind in ("sent", "received"):
+                    inner = m.xml.find(f"{{{NS_CARBONS}}}{kind}/{{urn:xmpp:forward:0}}forwarded"
+                                       "/{jabber:client}message/{jabber:client}body")
+                    if inner is not None and inner.text == body:
+                        return True
+                return False
+            return pred
+        await a2.no_message(copy_of(secret), seconds=1.0)
+        await b2.no_message(copy_of(secret), seconds=0.2)
+        # The same path without <private/> is copied on both sides.
+        public = "public " + token()
+        a1.send_message(mto=b1.boundjid.full, mbody=public, mtype="chat")
+        await b1.next_message(lambda m: m["body"] == public, what="the public message")
+        await a2.next_message(copy_of(public), what="a <sent/> carbon")
+        await b2.next_message(copy_of(public), what="a <received/> carbon")
+
+
+@suite.case("vcard-temp: owner sets, another user reads via the bare JID (XEP-0054)",
+            requires=[server_feature("vcard-temp")])
+async def vcard(ctx):
+    a, b = ctx.accounts(2, "vcard")
+    ca = await online(ctx, a)
+    cb = await online(ctx, b)
+    async with clients(ca, cb):
+        name = "Conformance " + token()
+        iq = ca.make_iq_set()
+        iq.xml.append(ET.fromstring(f"<vCard xmlns='vcard-temp'><FN>{name}</FN></vCard>"))
+        await iq.send(timeout=5)
+        iq = cb.make_iq_get(ito=a.jid)
+        iq.xml.append(ET.fromstring("<vCard xmlns='vcard-temp'/>"))
+        res = await iq.send(timeout=5)
+        fn = res.xml.find("{vcard-temp}vCard/{vcard-temp}FN")
+        check(fn is not None and fn.text == name, f"read back {ET.tostring(res.xml)!r}")
+        iq = cb.make_iq_set(ito=a.jid)
+        iq.xml.append(ET.fromstring("<vCard xmlns='vcard-temp'><FN>Mallory</FN></vCard>"))
+        try:
+            await iq.send(timeout=5)
+            raise Fail("another user could set the vCard")
+        except IqError as e:
+            check(e.condition in ("forbidden", "not-allowed"), f"condition {e.condition}")
+
+
+@suite.case("private storage: per namespace, owner only (XEP-0049)",
+            requires=[server_feature("jabber:iq:private")])
+async def private_storage(ctx):
+    a, b = ctx.accounts(2, "private")
+    a1 = await online(ctx, a)
+    a2 = Client(ctx, a, resource="second")
+    cb = await online(ctx, b)
+    async with clients(a1, a2, cb):
+        await a2.online()
+        room = f"room-{token()}@conference.example"
+        iq = a1.make_iq_set()
+        iq.xml.append(ET.fromstring(
+            "<query xmlns='jabber:iq:private'><storage xmlns='storage:bookmarks'>"
+            f"<conference jid='{room}' autojoin='true'/></storage></query>"))
+        await iq.send(timeout=5)
+        iq = a2.make_iq_get()
+        iq.xml.append(ET.fromstring(
+            "<query xmlns='jabber:iq:private'><storage xmlns='storage:bookmarks'/></query>"))
+        res = await iq.send(timeout=5)
+        conf = res.xml.find("{jabber:iq:private}query/{storage:bookmarks}storage"
+                            "/{storage:bookmarks}conference")
+        check(conf is not None and conf.get("jid") == room, f"read back {ET.tostring(res.xml)!r}")
+        iq = cb.make_iq_get(ito=a.jid)
+        iq.xml.append(ET.fromstring(
+            "<query xmlns='jabber:iq:private'><storage xmlns='storage:bookmarks'/></query>"))
+        try:
+            await iq.send(timeout=5)
+            raise Fail("another user could read the private data")
+        except IqError as e:
+            check(e.condition in ("forbidden", "service-unavailable"), f"condition {e.condition}")
+
+
 @suite.case("archive: the message is in both archives with a stanza-id (XEP-0313)",
             requires=[account_feature(NS_MAM)])
 async def mam(ctx):
