@@ -59,6 +59,7 @@ pub async fn login_storm(common: &Common, o: &StormOptions) -> serde_json::Value
         "server_cpu_s": server_cpu,
         "server_cpu_ms_per_login": server_cpu.filter(|_| ok > 0).map(|c| c * 1000.0 / ok as f64),
         "server_cores": usage.server.map(|u| u.cores),
+        "cpu_busy": usage.cpu_busy,
         "generator_cpu_s": usage.generator.cpu_secs,
         "generator_cores": usage.generator.cores,
         "dropped_while_held": dropped,

@@ -252,9 +252,23 @@ pub async fn run_step(
         reasons.push(format!("{errors} error replies"));
     }
     let passed = reasons.is_empty();
+    // A server that failed without using a whole core did not get one
+    // (other work on its CPU), or waits on something else (disk).
+    let server_cores = usage.server.map(|u| u.cores);
+    if !passed && let Some(c) = server_cores.filter(|c| *c < 0.8) {
+        reasons.push(format!(
+            "note: the server used only {c:.2} of a core (CPUs busy: {:?})",
+            usage
+                .cpu_busy
+                .iter()
+                .map(|b| (b * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        ));
+    }
     let server_cpu = usage.server.map(|u| u.cpu_secs);
     let json = json!({
         "rate": rate,
+        "offered_deliveries_per_s": rate * fanout as f64,
         "sent": sent,
         "not_offered": skipped,
         "expected_deliveries": expected,
@@ -264,7 +278,8 @@ pub async fn run_step(
         "delivered_per_s": delivered_rate,
         "latency": lat,
         "server_cpu_s": server_cpu,
-        "server_cores": usage.server.map(|u| u.cores),
+        "server_cores": server_cores,
+        "cpu_busy": usage.cpu_busy,
         "server_cpu_us_per_delivery": server_cpu.filter(|_| received > 0).map(|c| c * 1e6 / received as f64),
         "server_rss_kib": usage.server_rss_kib,
         "generator_cpu_s": usage.generator.cpu_secs,
@@ -332,6 +347,38 @@ where
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The first rate was already too much: halve it (three times at most)
+    // to find a rate the server sustains.
+    if last_good.is_none()
+        && let Some(mut rate) = failed_at
+    {
+        for _ in 0..3 {
+            rate = (rate / 2.0).round();
+            if rate < 1.0 {
+                break;
+            }
+            step_no += 1;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let o = run(step_no, rate).await;
+            eprintln!(
+                "  down {step_no}: offered {rate:.0}/s -> {:.0}/s delivered, p99 {:.1} ms, {}",
+                o.delivered_rate,
+                o.json["latency"]["p99_ms"].as_f64().unwrap_or(0.0),
+                if o.passed { "ok" } else { "FAILED" }
+            );
+            results.push(o.json.clone());
+            if o.passed {
+                best = Some((o.delivered_rate, o.json.clone()));
+                last_good = Some(rate);
+                break;
+            }
+            failed_at = Some(rate);
+        }
+        if last_good.is_some() {
+            // Refine between this rate and the one above it.
+            failed_at = last_good.map(|g| g * 2.0);
+        }
     }
     if steps.refine
         && let (Some(good), Some(bad)) = (last_good, failed_at)

@@ -154,20 +154,47 @@ impl CpuUse {
     }
 }
 
-/// Watches the server process (when its PID is known) and this generator
-/// process over one measurement window.
+/// Busy and total ticks per CPU from `/proc/stat` (`cpuN` lines).
+pub fn parse_proc_stat_cpus(stat: &str) -> Vec<(u64, u64)> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            // idle + iowait are not busy.
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle.min(total), total)
+        })
+        .collect()
+}
+
+fn cpu_ticks() -> Vec<(u64, u64)> {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| parse_proc_stat_cpus(&s))
+        .unwrap_or_default()
+}
+
+/// Watches the server process (when its PID is known), this generator
+/// process and the machine's CPUs over one measurement window.
 pub struct Window {
     server_pid: Option<u32>,
     server: Option<ProcSample>,
     me: Option<ProcSample>,
+    cpus: Vec<(u64, u64)>,
 }
 
 /// What a [`Window`] measured.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct WindowUse {
     pub server: Option<CpuUse>,
     pub server_rss_kib: Option<u64>,
     pub generator: CpuUse,
+    /// Share of each CPU that was busy (anyone's work), 0..1.
+    pub cpu_busy: Vec<f64>,
 }
 
 impl Window {
@@ -176,13 +203,29 @@ impl Window {
             server_pid,
             server: server_pid.and_then(|p| sample(Some(p)).ok()),
             me: sample(None).ok(),
+            cpus: cpu_ticks(),
         }
     }
 
     pub fn finish(&self) -> WindowUse {
         let server_now = self.server_pid.and_then(|p| sample(Some(p)).ok());
         let me_now = sample(None).ok();
+        let cpus_now = cpu_ticks();
+        let cpu_busy = self
+            .cpus
+            .iter()
+            .zip(cpus_now.iter())
+            .map(|((b0, t0), (b1, t1))| {
+                let t = t1.saturating_sub(*t0);
+                if t == 0 {
+                    0.0
+                } else {
+                    b1.saturating_sub(*b0) as f64 / t as f64
+                }
+            })
+            .collect();
         WindowUse {
+            cpu_busy,
             server: match (&self.server, &server_now) {
                 (Some(a), Some(b)) => Some(CpuUse::between(a, b)),
                 _ => None,
@@ -212,6 +255,12 @@ mod tests {
         let s = "Name:\tstarling\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads: 3\n";
         assert_eq!(parse_status_rss_kib(s), Some(12345));
         assert_eq!(parse_status_rss_kib("Name: x\n"), None);
+    }
+
+    #[test]
+    fn proc_stat_cpus() {
+        let s = "cpu  10 0 10 80 0 0 0 0 0 0\ncpu0 5 0 5 40 0 0 0 0 0 0\ncpu1 5 0 5 38 2 0 0 0 0 0\nintr 1\n";
+        assert_eq!(parse_proc_stat_cpus(s), vec![(10, 50), (10, 50)]);
     }
 
     #[test]
