@@ -471,3 +471,44 @@ async fn spawn_server(
     }
     panic!("server did not start on {addr}");
 }
+
+/// More stored messages than the session's mailbox holds: delivery waits
+/// for the session to drain its mailbox instead of stalling it.
+#[tokio::test]
+async fn more_offline_messages_than_the_mailbox_holds() {
+    let srv = TestServer::start_with(|c| c.limits.session_queue = 16).await;
+    srv.add_user("alice").await;
+    srv.add_user("bob").await;
+    let mut a = srv.online("alice", "a").await;
+    let n = 300;
+    let msgs: Vec<_> = (0..n)
+        .map(|i| chat("bob@localhost", &format!("m{i}")))
+        .collect();
+    a.send_all(&msgs).await.unwrap();
+    sync(&mut a).await;
+    expect_no_message(&mut a, 100).await;
+    let mut b = srv.online("bob", "b").await;
+    for i in 0..n {
+        let m = expect_message(&mut b).await;
+        assert_eq!(body(&m), Some(format!("m{i}")));
+    }
+    // Still connected and served.
+    sync(&mut b).await;
+    // The last page is deleted right after it was handed over.
+    let mut left = -1;
+    for _ in 0..100 {
+        left = srv
+            .server()
+            .store
+            .count_offline("bob@localhost", 1000)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0);
+    expect_no_message(&mut b, 200).await;
+    srv.shutdown().await;
+}

@@ -305,12 +305,20 @@ impl Module for Offline {
         // XEP-0160: at the next available presence with a non-negative
         // priority (also when an available session raises a negative
         // priority to a non-negative one).
+        //
+        // In a task of its own: this hook runs in the session's task, which
+        // is also what drains the session's mailbox, so delivering more
+        // messages than the mailbox holds from here would stall it.
         if matches!(
             change,
             AvailabilityChange::Initial | AvailabilityChange::Update
         ) && session.priority() >= 0
         {
-            deliver_offline(server, session).await;
+            let server2 = server.clone();
+            let session = session.clone();
+            server.tasks.spawn(async move {
+                deliver_offline(&server2, &session).await;
+            });
         }
     }
 }
