@@ -327,3 +327,28 @@ async fn messages_to_oneself_are_copied_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn negative_priority_resources_get_copies_of_messages_stored_offline() {
+    for_each_backend(|srv| async move {
+        srv.add_user("alice").await;
+        srv.add_user("bob").await;
+        let mut a = srv.online("alice", "a").await;
+        let mut neg = online_with_priority(&srv, "bob", "neg", -1).await;
+        let mut off = online_with_priority(&srv, "bob", "nocarbons", -5).await;
+        enable(&mut neg).await;
+        a.send(&chat("bob@localhost", "while away")).await.unwrap();
+        let copy = expect_message(&mut neg).await;
+        let inner = unwrap_copy(&copy, "received", "bob@localhost", "bob@localhost/neg");
+        assert_eq!(body(inner).as_deref(), Some("while away"));
+        expect_no_message(&mut off, 200).await;
+        expect_no_message(&mut a, 50).await; // stored, no error
+        // And it is still delivered from offline storage at the next login.
+        let mut b = srv.online("bob", "desk").await;
+        let m = expect_message(&mut b).await;
+        assert_eq!(body(&m).as_deref(), Some("while away"));
+        assert!(m.has_child("delay", ns::DELAY));
+        srv.shutdown().await;
+    })
+    .await;
+}

@@ -199,6 +199,17 @@ impl Module for Carbons {
         Flow::Continue
     }
 
+    /// No resource took the message (only negative priorities, or none
+    /// available): carbons-enabled resources still get a `received` copy
+    /// (none of them received it), and offline storage keeps it for the next
+    /// login.
+    async fn on_undeliverable(&self, server: &Server, to: &BareJid, stanza: &Element) -> Flow {
+        if eligible(stanza, Direction::Received) {
+            self.on_delivered(server, to, stanza, &[]).await;
+        }
+        Flow::Continue
+    }
+
     async fn on_delivered(
         &self,
         server: &Server,
