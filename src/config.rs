@@ -22,6 +22,7 @@ pub struct Config {
     pub offline: OfflineConfig,
     pub vcard: VCardConfig,
     pub private_storage: PrivateStorageConfig,
+    pub muc: MucConfig,
 }
 
 /// Stream management (XEP-0198).
@@ -207,6 +208,110 @@ impl Default for PrivateStorageConfig {
     }
 }
 
+/// Who may create rooms on the MUC service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomCreation {
+    /// Any JID, local or remote.
+    Anyone,
+    /// Users of the local domains.
+    Local,
+    /// Only the server administrators (`server.admins`).
+    Admins,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MucConfig {
+    /// Run the multi-user chat service (XEP-0045).
+    pub enabled: bool,
+    /// The service lives at `<subdomain>.<domain>` for every local domain.
+    pub subdomain: String,
+    /// Name shown in service discovery.
+    pub name: String,
+    /// Who may create rooms: "anyone", "local" or "admins".
+    pub room_creation: RoomCreation,
+    /// Rooms one user may own (persistent rooms plus live temporary ones).
+    pub max_rooms_per_user: usize,
+    /// Rooms one user (bare JID) may be joined to at once.
+    pub max_joined_rooms_per_user: usize,
+    /// Default `muc#roomconfig_maxusers` of new rooms, and the highest value
+    /// an owner may choose.
+    pub default_max_users: u32,
+    pub max_users_limit: u32,
+    /// New rooms are persistent / public / archived unless configured otherwise.
+    pub persistent_by_default: bool,
+    pub public_by_default: bool,
+    pub archive_by_default: bool,
+    /// History sent on join when the client asks for none in particular, and
+    /// the most it may ask for (`muc#maxhistoryfetch`).
+    pub default_history: usize,
+    pub max_history: usize,
+    /// New rooms stay locked until their creator configures them (or accepts
+    /// the default configuration); after this many seconds an unconfigured
+    /// room takes the default configuration.
+    pub lock_new_rooms: bool,
+    pub lock_timeout_secs: u64,
+    /// Seconds a persistent room without occupants stays loaded in memory.
+    pub idle_unload_secs: u64,
+    /// Stanzas queued for one room before senders get `resource-constraint`.
+    pub room_queue: usize,
+    /// Messages per second (and burst) one room accepts from all occupants.
+    pub room_rate: f64,
+    pub room_burst: f64,
+    /// Messages per second (and burst) one occupant may send to a room
+    /// (groupchat, private messages, invitations, voice requests).
+    pub occupant_rate: f64,
+    pub occupant_burst: f64,
+    /// Longest nickname, subject, room name/description, in characters.
+    pub max_nick_chars: usize,
+    pub max_subject_chars: usize,
+    pub max_description_chars: usize,
+    /// Entries in a room's affiliation lists (owners, admins, members, outcasts).
+    pub max_affiliations: usize,
+    /// Archived messages per room kept; older ones are deleted (0: keep all).
+    pub archive_max_messages: u64,
+    /// Results per page of a room archive query (RSM `max` is capped to it).
+    pub archive_page_limit: usize,
+    /// Rooms returned by one disco#items query on the service.
+    pub max_listed_rooms: usize,
+}
+
+impl Default for MucConfig {
+    fn default() -> Self {
+        MucConfig {
+            enabled: true,
+            subdomain: "conference".into(),
+            name: "Chatrooms".into(),
+            room_creation: RoomCreation::Local,
+            max_rooms_per_user: 100,
+            max_joined_rooms_per_user: 1000,
+            default_max_users: 200,
+            max_users_limit: 10_000,
+            persistent_by_default: false,
+            public_by_default: true,
+            archive_by_default: true,
+            default_history: 20,
+            max_history: 50,
+            lock_new_rooms: true,
+            lock_timeout_secs: 300,
+            idle_unload_secs: 600,
+            room_queue: 1024,
+            room_rate: 200.0,
+            room_burst: 400.0,
+            occupant_rate: 5.0,
+            occupant_burst: 20.0,
+            max_nick_chars: 64,
+            max_subject_chars: 1024,
+            max_description_chars: 1024,
+            max_affiliations: 10_000,
+            archive_max_messages: 0,
+            archive_page_limit: 100,
+            max_listed_rooms: 500,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -283,6 +388,38 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl MucConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("muc.{m}")));
+        if self.subdomain.is_empty()
+            || jid::BareJid::new(&format!("{}.example.org", self.subdomain))
+                .map(|j| j.node().is_some())
+                .unwrap_or(true)
+        {
+            return bad("subdomain must be a valid DNS label");
+        }
+        if self.default_max_users == 0 || self.default_max_users > self.max_users_limit {
+            return bad("default_max_users must be between 1 and max_users_limit");
+        }
+        if self.default_history > self.max_history {
+            return bad("default_history must not exceed max_history");
+        }
+        if self.room_queue < 16 {
+            return bad("room_queue must be at least 16");
+        }
+        if !(self.room_rate > 0.0 && self.occupant_rate > 0.0)
+            || self.room_burst < 1.0
+            || self.occupant_burst < 1.0
+        {
+            return bad("rates must be positive and bursts at least 1");
+        }
+        if self.max_nick_chars == 0 || self.archive_page_limit == 0 || self.max_listed_rooms == 0 {
+            return bad("max_nick_chars, archive_page_limit and max_listed_rooms must be positive");
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Load a TOML file; missing keys take their defaults.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -339,12 +476,25 @@ impl Config {
                     .into(),
             ));
         }
+        self.muc.validate()?;
         if self.tls.certificate.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.certificate and tls.key go together".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The MUC service domains, one per local domain (empty when disabled).
+    pub fn muc_domains(&self) -> Vec<String> {
+        if !self.muc.enabled {
+            return Vec::new();
+        }
+        self.server
+            .domains
+            .iter()
+            .map(|d| format!("{}.{d}", self.muc.subdomain))
+            .collect()
     }
 
     /// The database URL, with the SQLite default filled in.
@@ -402,6 +552,11 @@ mod tests {
         assert!(Config::from_toml("[server]\ndomains = ['a@b']").is_err());
         assert!(Config::from_toml("[server]\nbogus = 1").is_err());
         assert!(Config::from_toml("[auth]\nscram_iterations = 10").is_err());
+        assert!(Config::from_toml("[muc]\nsubdomain = 'a@b'").is_err());
+        assert!(Config::from_toml("[muc]\ndefault_history = 100").is_err());
+        let m = Config::from_toml("[muc]\nsubdomain = 'rooms'\nroom_creation = 'anyone'").unwrap();
+        assert_eq!(m.muc_domains(), vec!["rooms.localhost".to_string()]);
+        assert_eq!(m.muc.room_creation, RoomCreation::Anyone);
     }
 
     #[test]

@@ -24,11 +24,89 @@ pub enum SessionMsg {
     },
 }
 
+/// A stanza serialised once for many recipients (a room's fan-out): the
+/// same bytes go to every occupant, only the `to` attribute differs, and it
+/// is always the receiving session's own full JID. The serialisation is split
+/// around the place of `to` (`<message` | ` to='…'` | ` from='…' …>…</message>`),
+/// and the element is kept for the rare consumer that needs a tree (e.g. a
+/// stream-management queue handing unacknowledged stanzas back to the router).
+#[derive(Debug)]
+pub struct SharedStanza {
+    /// The stanza without a `to` attribute.
+    element: Element,
+    /// `<message` / `<presence` / `<iq`.
+    head: Box<[u8]>,
+    /// Everything after the element name: the other attributes, the
+    /// children and the end tag, as written in a `jabber:client` or
+    /// `jabber:server` stream.
+    tail: Box<[u8]>,
+}
+
+impl SharedStanza {
+    /// Serialise `element` (its `to` attribute, if any, is dropped).
+    pub fn new(mut element: Element) -> Self {
+        crate::stanza::remove_attr(&mut element, "to");
+        let mut bytes = Vec::with_capacity(256);
+        crate::xml::serialize_into(&mut bytes, &element, crate::xml::ns::CLIENT);
+        let split = 1 + element.name().len();
+        let tail = bytes.split_off(split.min(bytes.len()));
+        SharedStanza {
+            element,
+            head: bytes.into_boxed_slice(),
+            tail: tail.into_boxed_slice(),
+        }
+    }
+
+    /// The stanza (without `to`).
+    pub fn element(&self) -> &Element {
+        &self.element
+    }
+
+    /// Append the stanza addressed to `to` to a client or server stream
+    /// buffer: one copy of the shared bytes plus the escaped address.
+    pub fn write_to(&self, out: &mut Vec<u8>, to: &str) {
+        out.reserve(self.head.len() + self.tail.len() + to.len() + 6);
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b" to='");
+        crate::xml::writer::escape_attr(out, to);
+        out.push(b'\'');
+        out.extend_from_slice(&self.tail);
+    }
+
+    /// The stanza as an element addressed to `to`.
+    pub fn element_for(&self, to: &str) -> Element {
+        let mut el = self.element.clone();
+        crate::stanza::set_attr(&mut el, "to", to);
+        el
+    }
+
+    /// Bytes of the shared serialisation.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The mailbox message that hands a shared stanza to `session`.
+///
+/// Until the client stream writer takes shared stanzas directly (a
+/// `SessionMsg::Shared(Arc<SharedStanza>)` written with
+/// [`SharedStanza::write_to`] and the session's JID), this builds the element
+/// for the session; callers do not change when that switch happens.
+pub fn shared_msg(stanza: &std::sync::Arc<SharedStanza>, session: &Session) -> SessionMsg {
+    SessionMsg::Stanza(stanza.element_for(&session.jid_string))
+}
+
 /// Shared state of one bound session.
 #[derive(Debug)]
 pub struct Session {
     pub id: u64,
     pub jid: FullJid,
+    /// `jid` as a string (written as `to` of shared stanzas).
+    pub jid_string: String,
     pub tx: mpsc::Sender<SessionMsg>,
     /// Presence priority (RFC 6121 section 4.7.2.3), -128..=127.
     pub priority: AtomicI32,
@@ -92,6 +170,7 @@ impl SessionTable {
         let session = Arc::new(Session {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             jid: jid.clone(),
+            jid_string: jid.to_string(),
             tx,
             priority: AtomicI32::new(0),
             available: AtomicBool::new(false),
@@ -209,6 +288,46 @@ mod tests {
 
     fn full(s: &str) -> FullJid {
         FullJid::new(s).unwrap()
+    }
+
+    #[test]
+    fn shared_stanza_bytes_equal_a_normal_serialisation() {
+        let el: Element = "<message xmlns='jabber:client' from='r@c.x/n&apos;k' to='ignored@x' \
+            type='groupchat' id='1'><body>a &lt; b</body><stanza-id xmlns='urn:xmpp:sid:0' id='5' by='r@c.x'/></message>"
+            .parse()
+            .unwrap();
+        let shared = SharedStanza::new(el.clone());
+        assert!(shared.element().attr("to").is_none());
+        let mut out = Vec::new();
+        shared.write_to(&mut out, "u@x/it's");
+        let expected = shared.element_for("u@x/it's");
+        let mut direct = Vec::new();
+        crate::xml::serialize_into(&mut direct, &expected, crate::xml::ns::CLIENT);
+        // Same element either way (attribute order may differ in bytes).
+        let mut p = crate::xml::StreamParser::new(1 << 20);
+        p.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+            .unwrap();
+        p.feed(&out).unwrap();
+        let _ = p.next_event();
+        match p.next_event() {
+            Some(crate::xml::StreamEvent::Element(e)) => {
+                assert_eq!(e, expected);
+                assert_eq!(e.attr("to"), Some("u@x/it's"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with("<message to='u@x/it&apos;s' ")
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let t = SessionTable::new();
+        let (s, _) = t.bind(full("u@x/r"), tx, None);
+        match shared_msg(&std::sync::Arc::new(shared), &s) {
+            SessionMsg::Stanza(e) => assert_eq!(e.attr("to"), Some("u@x/r")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

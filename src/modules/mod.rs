@@ -10,6 +10,7 @@
 
 pub mod carbons;
 pub mod disco;
+pub mod muc;
 pub mod offline;
 pub mod ping;
 pub mod private;
@@ -200,6 +201,7 @@ impl Modules {
             Arc::new(carbons::Carbons),
             Arc::new(vcard::VCard),
             Arc::new(private::PrivateStorage),
+            Arc::new(muc::Muc::new()),
         ];
         // Last: offline delivery after the presence work of an initial
         // presence; storage only for what no other module took.

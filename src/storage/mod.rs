@@ -7,6 +7,7 @@
 //! `migrations/sqlite` and `migrations/postgres` and are applied at open.
 
 pub mod accounts;
+pub mod muc;
 pub mod offline;
 pub mod private;
 pub mod testing;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{
 };
 
 pub use accounts::AccountStore;
+pub use muc::MucStore;
 pub use offline::{OfflineMessage, OfflineStore};
 pub use private::PrivateStore;
 pub use vcard::VCardStore;
