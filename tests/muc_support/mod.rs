@@ -290,3 +290,27 @@ pub async fn admin_list(c: &mut XmppClient, room: &str, attr: &str, value: &str)
         .cloned()
         .collect()
 }
+
+/// Wait for a presence from `from` with this affiliation and role.
+pub async fn presence_with(c: &mut XmppClient, from: &str, aff: &str, role: &str) -> Element {
+    expect(c, &format!("presence from {from} as {aff}/{role}"), |e| {
+        e.name() == "presence"
+            && e.attr("from") == Some(from)
+            && e.get_child("x", MUC_USER)
+                .and_then(|x| x.get_child("item", MUC_USER))
+                .is_some_and(|i| i.attr("affiliation") == Some(aff) && i.attr("role") == Some(role))
+    })
+    .await
+}
+
+/// Everything that arrives within `ms` milliseconds (queued ones first).
+pub async fn drain(c: &mut XmppClient, ms: u64) -> Vec<Element> {
+    let old = c.timeout;
+    c.timeout = std::time::Duration::from_millis(ms);
+    let mut out = Vec::new();
+    while let Ok(starling::client::ClientEvent::Element(e)) = c.recv_event().await {
+        out.push(e);
+    }
+    c.timeout = old;
+    out
+}

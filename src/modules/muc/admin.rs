@@ -578,6 +578,18 @@ impl Room {
             self.invalidate(n);
             let v = self.view(&self.occupants[n]);
             self.announce(&v, false, &[], &[], &extra, &[], true);
+            // A new moderator of a semi-anonymous room learns the real JIDs.
+            if new_role == Role::Moderator && role != Role::Moderator && !self.config.non_anonymous
+            {
+                let sessions: Vec<jid::FullJid> = self.occupants[n]
+                    .sessions
+                    .iter()
+                    .map(|s| s.jid.clone())
+                    .collect();
+                for s in sessions {
+                    self.send_roster(n, &s);
+                }
+            }
         }
         // SHOULD: a new member of a members-only room who is not there gets
         // an invitation.

@@ -1196,7 +1196,7 @@ impl Room {
     }
 
     /// Presence of every other occupant to one session.
-    fn send_roster(&mut self, nick: &str, to: &FullJid) {
+    pub(crate) fn send_roster(&mut self, nick: &str, to: &FullJid) {
         let sees_jids = self.config.non_anonymous
             || self
                 .occupants
