@@ -185,7 +185,7 @@ async fn create_join_talk_and_leave() {
                 .await
                 .unwrap();
             if reply.attr("type") == Some("error") {
-                assert_eq!(error_condition(&reply), "item-not-found");
+                assert_eq!(err_cond(&reply), "item-not-found");
                 gone = true;
                 break;
             }
@@ -376,7 +376,7 @@ async fn nickname_changes() {
             .await
             .unwrap();
         let e = expect(&mut bob, "error", |e| e.attr("type") == Some("error")).await;
-        assert_eq!(error_condition(&e), "conflict");
+        assert_eq!(err_cond(&e), "conflict");
         // 303 then the new presence (7.6).
         bob.send_str(&format!("<presence to='{r}/robert'/>"))
             .await
@@ -486,7 +486,7 @@ async fn entry_rules() {
         // No nickname.
         bob.send_str(&format!("<presence to='{}'><x xmlns='{MUC_NS}'/></presence>", room("x"))).await.unwrap();
         let e = expect(&mut bob, "error", |e| e.attr("type") == Some("error")).await;
-        assert_eq!(error_condition(&e), "jid-malformed");
+        assert_eq!(err_cond(&e), "jid-malformed");
         // Password-protected (7.2.5).
         let r = room("pw");
         create_with(
@@ -850,7 +850,7 @@ async fn rate_limits_give_clear_errors() {
     }
     alice.send(&groupchat(&r, "too fast")).await.unwrap();
     let e = expect(&mut alice, "error", |e| e.attr("type") == Some("error")).await;
-    assert_eq!(error_condition(&e), "policy-violation");
+    assert_eq!(err_cond(&e), "policy-violation");
     let err = e.get_child("error", "jabber:client").unwrap();
     assert_eq!(err.attr("type"), Some("wait"));
     assert!(
@@ -879,6 +879,6 @@ async fn rate_limits_give_clear_errors() {
     expect_groupchat(&mut bob, "two").await;
     bob.send(&groupchat(&r, "three")).await.unwrap();
     let e = expect(&mut bob, "error", |e| e.attr("type") == Some("error")).await;
-    assert_eq!(error_condition(&e), "resource-constraint");
+    assert_eq!(err_cond(&e), "resource-constraint");
     srv.shutdown().await;
 }

@@ -24,7 +24,7 @@ async fn kicking_occupants() {
         join(&mut carol, &r, "carol").await;
         // A participant may not kick.
         assert_eq!(
-            error_condition(&admin_set(&mut bob, &r, "<item nick='carol' role='none'/>").await),
+            err_cond(&admin_set(&mut bob, &r, "<item nick='carol' role='none'/>").await),
             "forbidden"
         );
         // The owner kicks with a reason (8.2): 307, actor, reason.
@@ -62,17 +62,17 @@ async fn kicking_occupants() {
         assert_eq!(res.attr("type"), Some("result"));
         presence_with(&mut carol, &format!("{r}/carol"), "none", "moderator").await;
         assert_eq!(
-            error_condition(&admin_set(&mut carol, &r, "<item nick='dave' role='none'/>").await),
+            err_cond(&admin_set(&mut carol, &r, "<item nick='dave' role='none'/>").await),
             "not-allowed"
         );
         // ... nor revoke an admin's voice.
         assert_eq!(
-            error_condition(&admin_set(&mut carol, &r, "<item nick='dave' role='visitor'/>").await),
+            err_cond(&admin_set(&mut carol, &r, "<item nick='dave' role='visitor'/>").await),
             "not-allowed"
         );
         // Role and affiliation in one item: bad-request (IQ business rules).
         assert_eq!(
-            error_condition(
+            err_cond(
                 &admin_set(
                     &mut alice,
                     &r,
@@ -84,7 +84,7 @@ async fn kicking_occupants() {
         );
         // Kicking a nick that is not there.
         assert_eq!(
-            error_condition(&admin_set(&mut alice, &r, "<item nick='ghost' role='none'/>").await),
+            err_cond(&admin_set(&mut alice, &r, "<item nick='ghost' role='none'/>").await),
             "item-not-found"
         );
     })
@@ -106,7 +106,7 @@ async fn banning_and_the_ban_list() {
         join(&mut carol, &r, "carol").await;
         // Banning oneself: conflict (9.1).
         assert_eq!(
-            error_condition(&admin_set(&mut alice, &r, "<item affiliation='outcast' jid='alice@localhost'/>").await),
+            err_cond(&admin_set(&mut alice, &r, "<item affiliation='outcast' jid='alice@localhost'/>").await),
             "conflict"
         );
         let res = admin_set(
@@ -252,15 +252,15 @@ async fn admins_and_owners() {
         assert_eq!(res.attr("type"), Some("result"));
         // ... but not owners or admins (10.3, 10.7).
         assert_eq!(
-            error_condition(&admin_set(&mut bob, &r, "<item affiliation='none' jid='alice@localhost'/>").await),
+            err_cond(&admin_set(&mut bob, &r, "<item affiliation='none' jid='alice@localhost'/>").await),
             "not-allowed"
         );
         assert_eq!(
-            error_condition(&admin_set(&mut bob, &r, "<item affiliation='admin' jid='carol@localhost'/>").await),
+            err_cond(&admin_set(&mut bob, &r, "<item affiliation='admin' jid='carol@localhost'/>").await),
             "not-allowed"
         );
         assert_eq!(
-            error_condition(&admin_set(&mut bob, &r, "<item nick='alice' role='participant'/>").await),
+            err_cond(&admin_set(&mut bob, &r, "<item nick='alice' role='participant'/>").await),
             "not-allowed"
         );
         // Owner lists.
@@ -270,7 +270,7 @@ async fn admins_and_owners() {
         assert_eq!(admins[0].attr("jid"), Some("bob@localhost"));
         // The last owner may not step down (10.4); with a second owner she may.
         assert_eq!(
-            error_condition(&admin_set(&mut alice, &r, "<item affiliation='admin' jid='alice@localhost'/>").await),
+            err_cond(&admin_set(&mut alice, &r, "<item affiliation='admin' jid='alice@localhost'/>").await),
             "conflict"
         );
         let res = admin_set(&mut alice, &r, "<item affiliation='owner' jid='carol@localhost'/>").await;
@@ -330,7 +330,7 @@ async fn room_configuration() {
         }
         // Invalid: a password-protected room without a password.
         let e = try_configure(&mut alice, &r, &[("muc#roomconfig_passwordprotectedroom", &["1"])]).await;
-        assert_eq!(error_condition(&e), "not-acceptable");
+        assert_eq!(err_cond(&e), "not-acceptable");
         configure(
             &mut alice,
             &r,

@@ -215,7 +215,7 @@ async fn room_archive_queries() {
         );
         // Filtering by real JID reveals JIDs: not for participants of a semi-anonymous room.
         let (_, iq) = query(&mut carol, &r, &form(&[("with", "bob@localhost")])).await;
-        assert_eq!(error_condition(&iq), "forbidden");
+        assert_eq!(err_cond(&iq), "forbidden");
         let (res, _) = query(&mut alice, &r, &form(&[("with", "bob@localhost")])).await;
         assert_eq!(res.len(), 2);
         // Unknown ids: item-not-found; unknown fields: feature-not-implemented.
@@ -225,9 +225,9 @@ async fn room_archive_queries() {
             &format!("<set xmlns='{RSM}'><after>12345</after></set>"),
         )
         .await;
-        assert_eq!(error_condition(&iq), "item-not-found");
+        assert_eq!(err_cond(&iq), "item-not-found");
         let (_, iq) = query(&mut carol, &r, &form(&[("full-text-search", "x")])).await;
-        assert_eq!(error_condition(&iq), "feature-not-implemented");
+        assert_eq!(err_cond(&iq), "feature-not-implemented");
         // The form and the metadata.
         let f = iq_ok(
             &mut carol,
@@ -259,7 +259,7 @@ async fn room_archive_queries() {
         // Members-only rooms: only members read the archive.
         configure(&mut alice, &r, &[("muc#roomconfig_membersonly", &["1"])]).await;
         let (_, iq) = query(&mut carol, &r, "").await;
-        assert_eq!(error_condition(&iq), "forbidden");
+        assert_eq!(err_cond(&iq), "forbidden");
         let res = admin_set(
             &mut alice,
             &r,
@@ -278,7 +278,7 @@ async fn room_archive_queries() {
         .await;
         assert_eq!(res.attr("type"), Some("result"));
         let (_, iq) = query(&mut carol, &r, "").await;
-        assert_eq!(error_condition(&iq), "forbidden");
+        assert_eq!(err_cond(&iq), "forbidden");
         // Without archiving, no MAM.
         configure(
             &mut alice,
@@ -287,7 +287,7 @@ async fn room_archive_queries() {
         )
         .await;
         let (_, iq) = query(&mut alice, &r, "").await;
-        assert_eq!(error_condition(&iq), "service-unavailable");
+        assert_eq!(err_cond(&iq), "service-unavailable");
         alice.send(&groupchat(&r, "unlogged")).await.unwrap();
         let m = expect_groupchat(&mut alice, "unlogged").await;
         assert!(

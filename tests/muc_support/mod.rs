@@ -58,7 +58,7 @@ pub fn occupant_id(e: &Element) -> Option<String> {
         .map(str::to_owned)
 }
 
-pub fn error_condition(e: &Element) -> String {
+pub fn err_cond(e: &Element) -> String {
     stanza_error_condition(e).unwrap_or_default()
 }
 
@@ -117,7 +117,7 @@ pub async fn join_error(c: &mut XmppClient, room: &str, nick: &str, x_children: 
         .get_child("error", "jabber:client")
         .expect("error element");
     assert_eq!(err.attr("by"), Some(room), "MUC errors carry 'by'");
-    error_condition(&p)
+    err_cond(&p)
 }
 
 /// Wait for the subject message of a room.
@@ -203,7 +203,7 @@ pub async fn iq_err(c: &mut XmppClient, xml: &str) -> String {
         "{xml} -> {}",
         starling::xml::writer::to_string(&r)
     );
-    error_condition(&r)
+    err_cond(&r)
 }
 
 pub fn groupchat(room: &str, body: &str) -> Element {
@@ -246,7 +246,7 @@ pub async fn error_message(c: &mut XmppClient, from: &str) -> String {
         e.name() == "message" && e.attr("type") == Some("error") && e.attr("from") == Some(from)
     })
     .await;
-    error_condition(&m)
+    err_cond(&m)
 }
 
 /// disco#info features of an entity.
