@@ -24,7 +24,7 @@ async fn online_with_priority(srv: &TestServer, user: &str, res: &str, prio: i32
     c.send_str(&format!("<presence><priority>{prio}</priority></presence>"))
         .await
         .unwrap();
-    sync(&mut c).await;
+    round_trip(&mut c).await;
     c
 }
 

@@ -46,17 +46,17 @@ async fn messages_to_an_offline_user_arrive_once_in_order_with_delay() {
         // Interleaved from two senders, to the bare JID, to a resource that
         // is not connected, and of type normal.
         a.send(&chat("bob@localhost", "one")).await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         c.send(&chat("bob@localhost", "two")).await.unwrap();
-        sync(&mut c).await;
+        round_trip(&mut c).await;
         a.send(&chat("bob@localhost/gone", "three")).await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         a.send(&parse(
             "<message xmlns='jabber:client' to='bob@localhost' id='n4'><body>four</body></message>",
         ))
         .await
         .unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         let t1 = now_micros();
         // No error to the senders: the messages are stored.
         expect_no_message(&mut a, 200).await;
@@ -119,7 +119,7 @@ async fn offline_messages_survive_a_server_restart() {
                 .await
                 .unwrap();
         }
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         srv.shutdown().await;
 
         // A new server on the same database.
@@ -175,7 +175,7 @@ async fn full_queue_bounces_service_unavailable_with_text() {
         expect_no_message(&mut b, 300).await;
         // Delivered, so there is room again.
         b.close().await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         a.send(&chat("bob@localhost", "room again")).await.unwrap();
         expect_no_message(&mut a, 300).await;
         srv.shutdown().await;
@@ -198,7 +198,7 @@ async fn only_storable_messages_are_stored() {
         a.send_str("<message to='bob@localhost' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>")
             .await
             .unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         expect_no_message(&mut a, 200).await;
         // Groupchat to a user: service-unavailable (RFC 6121 8.5.2.2.1).
         a.send_str("<message to='bob@localhost' type='groupchat' id='g'><body>gc</body></message>")
@@ -225,7 +225,7 @@ async fn only_storable_messages_are_stored() {
         a.send_str("<message to='bob@localhost' type='chat' id='ids'><body>with ids</body><origin-id xmlns='urn:xmpp:sid:0' id='o-1'/><active xmlns='http://jabber.org/protocol/chatstates'/></message>")
             .await
             .unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         expect_no_message(&mut a, 200).await;
 
         let mut b = srv.online("bob", "b").await;
@@ -259,16 +259,16 @@ async fn negative_priority_waits_until_priority_is_non_negative() {
         srv.add_user("bob").await;
         let mut a = srv.online("alice", "a").await;
         a.send(&chat("bob@localhost", "before")).await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         let mut b = srv.login("bob", "b").await;
         b.send_str("<presence><priority>-1</priority></presence>")
             .await
             .unwrap();
-        sync(&mut b).await;
+        round_trip(&mut b).await;
         expect_no_message(&mut b, 300).await;
         // Still no non-negative resource: stored too.
         a.send(&chat("bob@localhost", "during")).await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         expect_no_message(&mut b, 200).await;
         expect_no_message(&mut a, 50).await;
         b.send_str("<presence><priority>0</priority></presence>")
@@ -303,7 +303,7 @@ async fn two_resources_coming_online_together_get_each_message_once() {
             .map(|i| chat("bob@localhost", &format!("m{i}")))
             .collect();
         a.send_all(&msgs).await.unwrap();
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         let mut b1 = srv.login("bob", "one").await;
         let mut b2 = srv.login("bob", "two").await;
         let (r1, r2) = tokio::join!(b1.send_str("<presence/>"), b2.send_str("<presence/>"));
@@ -427,7 +427,7 @@ async fn offline_messages_survive_kill_9() {
                 .await
                 .unwrap();
         }
-        sync(&mut a).await;
+        round_trip(&mut a).await;
         server.kill().await.unwrap(); // SIGKILL
         drop(a);
 
@@ -485,7 +485,7 @@ async fn more_offline_messages_than_the_mailbox_holds() {
         .map(|i| chat("bob@localhost", &format!("m{i}")))
         .collect();
     a.send_all(&msgs).await.unwrap();
-    sync(&mut a).await;
+    round_trip(&mut a).await;
     expect_no_message(&mut a, 100).await;
     let mut b = srv.online("bob", "b").await;
     for i in 0..n {
@@ -493,7 +493,7 @@ async fn more_offline_messages_than_the_mailbox_holds() {
         assert_eq!(body(&m), Some(format!("m{i}")));
     }
     // Still connected and served.
-    sync(&mut b).await;
+    round_trip(&mut b).await;
     // The last page is deleted right after it was handed over.
     let mut left = -1;
     for _ in 0..100 {

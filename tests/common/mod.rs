@@ -197,6 +197,37 @@ pub async fn expect_silence(c: &mut XmppClient, ms: u64) {
     c.timeout = old;
 }
 
+/// Assert that nothing matching `pred` arrives within `ms` milliseconds
+/// (other stanzas are consumed and ignored).
+pub async fn expect_none(c: &mut XmppClient, ms: u64, what: &str, pred: impl Fn(&Element) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let old = c.timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        c.timeout = left;
+        match c.recv_event().await {
+            Err(starling::client::ClientError::Timeout) => break,
+            Ok(ClientEvent::Element(e)) if pred(&e) => {
+                panic!(
+                    "unexpected {what}: {}",
+                    starling::xml::writer::to_string(&e)
+                )
+            }
+            Ok(ClientEvent::Element(_)) => continue,
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    c.timeout = old;
+}
+
+/// No message arrives within `ms` milliseconds (presence is ignored).
+pub async fn expect_no_message(c: &mut XmppClient, ms: u64) {
+    expect_none(c, ms, "message", |e| e.name() == "message").await
+}
+
 pub fn body(e: &Element) -> Option<String> {
     e.get_child("body", "jabber:client").map(|b| b.text())
 }
@@ -204,7 +235,7 @@ pub fn body(e: &Element) -> Option<String> {
 /// Round trip a ping to the server: everything the client sent before has
 /// been processed when this returns (a session's stanzas are handled in
 /// order).
-pub async fn sync(c: &mut XmppClient) {
+pub async fn round_trip(c: &mut XmppClient) {
     let r = c
         .iq(parse(
             "<iq xmlns='jabber:client' type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
@@ -224,27 +255,4 @@ pub async fn iq(c: &mut XmppClient, xml: &str) -> Element {
 /// The stanza error condition, if `e` is an error.
 pub fn error_condition(e: &Element) -> Option<String> {
     starling::client::stanza_error_condition(e)
-}
-
-/// Assert that no message stanza arrives within `ms` milliseconds (presence
-/// and other stanzas are skipped: other modules may send those).
-pub async fn expect_no_message(c: &mut XmppClient, ms: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
-    let old = c.timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        c.timeout = left;
-        match c.recv_event().await {
-            Err(starling::client::ClientError::Timeout) => break,
-            Ok(ClientEvent::Element(e)) if e.name() == "message" => {
-                panic!("unexpected: {}", starling::xml::writer::to_string(&e))
-            }
-            Ok(ClientEvent::Element(_)) => continue,
-            other => panic!("unexpected: {other:?}"),
-        }
-    }
-    c.timeout = old;
 }
