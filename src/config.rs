@@ -23,6 +23,7 @@ pub struct Config {
     pub vcard: VCardConfig,
     pub private_storage: PrivateStorageConfig,
     pub muc: MucConfig,
+    pub archive: ArchiveConfig,
 }
 
 /// Stream management (XEP-0198).
@@ -312,6 +313,88 @@ impl Default for MucConfig {
     }
 }
 
+/// Message archive (XEP-0313): what is kept, for how long, and the limits
+/// of the writer and of queries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Archive users' 1:1 messages and answer `urn:xmpp:mam:2` queries.
+    pub enabled: bool,
+    /// Archiving default for users who set no preference: `always`,
+    /// `never` or `roster` (treated as `always` until the roster exists).
+    pub default_mode: String,
+    /// How long messages are kept unless a user has their own setting:
+    /// `forever`, or a number with a unit: `90d`, `12h`, `30m`, `45s`.
+    pub retention: String,
+    /// Seconds between two runs of the expiry task.
+    pub expiry_interval_secs: u64,
+    /// Largest page a query may ask for (RSM `max` is capped to this).
+    pub max_page: usize,
+    /// Page size when a query gives no RSM `max`.
+    pub default_page: usize,
+    /// Messages waiting for the archive writer before senders wait
+    /// (backpressure).
+    pub queue: usize,
+    /// Most messages written in one transaction.
+    pub batch_max: usize,
+    /// An RSM count request (`max` 0) is answered with a count when the
+    /// result set has at most this many messages.
+    pub count_limit: usize,
+    /// Users whose preferences are kept in memory.
+    pub prefs_cache: usize,
+    /// Most JIDs in a user's always + never lists.
+    pub max_prefs_jids: usize,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            enabled: true,
+            default_mode: "always".into(),
+            retention: "forever".into(),
+            expiry_interval_secs: 3600,
+            max_page: 250,
+            default_page: 50,
+            queue: 8192,
+            batch_max: 512,
+            count_limit: 10_000,
+            prefs_cache: 10_000,
+            max_prefs_jids: 1000,
+        }
+    }
+}
+
+/// Parse a retention setting: `forever` (None) or `<n><unit>` with unit
+/// `d`, `h`, `m` or `s`, in seconds.
+pub fn parse_retention(s: &str) -> Result<Option<u64>, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("forever") {
+        return Ok(None);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let mult: u64 = match unit {
+        "d" => 86_400,
+        "h" => 3600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "retention {s:?}: use forever or a number with d, h, m or s"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("retention {s:?}: use forever or a number with d, h, m or s"))?;
+    if n == 0 {
+        return Err(format!("retention {s:?}: must be positive (or forever)"));
+    }
+    n.checked_mul(mult)
+        .filter(|v| *v <= i64::MAX as u64 / 1_000_000)
+        .map(Some)
+        .ok_or_else(|| format!("retention {s:?} is too large"))
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -477,6 +560,24 @@ impl Config {
             ));
         }
         self.muc.validate()?;
+        let a = &self.archive;
+        if !matches!(a.default_mode.as_str(), "always" | "never" | "roster") {
+            return Err(ConfigError::Invalid(
+                "archive.default_mode must be always, never or roster".into(),
+            ));
+        }
+        parse_retention(&a.retention).map_err(|e| ConfigError::Invalid(format!("archive.{e}")))?;
+        if a.max_page == 0 || a.default_page == 0 || a.default_page > a.max_page {
+            return Err(ConfigError::Invalid(
+                "archive.default_page must be between 1 and archive.max_page".into(),
+            ));
+        }
+        if a.queue == 0 || a.batch_max == 0 || a.expiry_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "archive.queue, archive.batch_max and archive.expiry_interval_secs must be positive"
+                    .into(),
+            ));
+        }
         if self.tls.certificate.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.certificate and tls.key go together".into(),
@@ -552,6 +653,13 @@ mod tests {
         assert!(Config::from_toml("[server]\ndomains = ['a@b']").is_err());
         assert!(Config::from_toml("[server]\nbogus = 1").is_err());
         assert!(Config::from_toml("[auth]\nscram_iterations = 10").is_err());
+        assert!(Config::from_toml("[archive]\nretention = '3 weeks'").is_err());
+        assert!(Config::from_toml("[archive]\ndefault_mode = 'sometimes'").is_err());
+        let c = Config::from_toml("[archive]\nretention = '30d'\nmax_page = 100").unwrap();
+        assert_eq!(parse_retention(&c.archive.retention), Ok(Some(30 * 86_400)));
+        assert_eq!(parse_retention("forever"), Ok(None));
+        assert_eq!(parse_retention("90s"), Ok(Some(90)));
+        assert!(parse_retention("0d").is_err());
         assert!(Config::from_toml("[muc]\nsubdomain = 'a@b'").is_err());
         assert!(Config::from_toml("[muc]\ndefault_history = 100").is_err());
         let m = Config::from_toml("[muc]\nsubdomain = 'rooms'\nroom_creation = 'anyone'").unwrap();

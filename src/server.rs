@@ -41,6 +41,9 @@ pub struct ServerInner {
     pub store: Store,
     pub sessions: SessionTable,
     pub modules: Modules,
+    /// The message archive (user and room archives): ids, the batching
+    /// writer, queries.
+    pub archive: Arc<crate::modules::mam::archive::Archive>,
     pub certs: Arc<CertStore>,
     pub c2s_tls: Arc<rustls::ServerConfig>,
     pub c2s_direct_tls: Arc<rustls::ServerConfig>,
@@ -166,7 +169,12 @@ impl Server {
             config.auth.max_failures,
             Duration::from_secs(config.auth.failure_window_secs),
         );
+        let archive = Arc::new(crate::modules::mam::archive::Archive::new(
+            store.clone(),
+            &config.archive,
+        ));
         Ok(Server(Arc::new(ServerInner {
+            archive,
             store,
             sessions: SessionTable::new(),
             modules,
@@ -203,6 +211,7 @@ impl Server {
     }
 
     async fn start_listening(self) -> Result<ServerHandle, StartError> {
+        self.archive.start(&self).await?;
         for m in self.modules.iter() {
             m.start(&self);
         }

@@ -10,6 +10,7 @@
 
 pub mod carbons;
 pub mod disco;
+pub mod mam;
 pub mod muc;
 pub mod offline;
 pub mod ping;
@@ -166,11 +167,18 @@ pub struct HookFeature {
 /// answers (or a `#` sub-feature of one), or listed here with its module and
 /// test. [`Modules::unhandled_features`] checks it, and so do the tests in
 /// `tests/disco_features.rs`: add a row when a module advertises behaviour.
-pub const HOOK_FEATURES: &[HookFeature] = &[HookFeature {
-    feature: crate::xml::ns::OFFLINE,
-    module: "offline",
-    test: "offline::messages_to_an_offline_user_arrive_once_in_order_with_delay",
-}];
+pub const HOOK_FEATURES: &[HookFeature] = &[
+    HookFeature {
+        feature: crate::xml::ns::OFFLINE,
+        module: "offline",
+        test: "offline::messages_to_an_offline_user_arrive_once_in_order_with_delay",
+    },
+    HookFeature {
+        feature: crate::xml::ns::SID,
+        module: "mam",
+        test: "mam::forged_stanza_ids_are_stripped",
+    },
+];
 
 /// The ordered module list, with the IQ namespace index.
 pub struct Modules {
@@ -196,6 +204,16 @@ impl Modules {
             Arc::new(ping::Ping),
             Arc::new(version::Version),
             Arc::new(time::EntityTime),
+        ];
+        // The archive comes after the modules that may stop a message
+        // (blocking): it archives what is actually sent and received. Its
+        // `on_user_send` removes forged stanza-ids before carbons copy the
+        // message; its `on_receive` adds the stanza-id before delivery,
+        // carbons `received` and offline storage.
+        if config.archive.enabled {
+            list.push(Arc::new(mam::Mam::new(config)));
+        }
+        let rest: Vec<Arc<dyn Module>> = vec![
             // After blocking and archiving (which may stop or stamp a
             // message) so that copies carry what the recipient gets.
             Arc::new(carbons::Carbons),
@@ -203,6 +221,7 @@ impl Modules {
             Arc::new(private::PrivateStorage),
             Arc::new(muc::Muc::new()),
         ];
+        list.extend(rest);
         // Last: offline delivery after the presence work of an initial
         // presence; storage only for what no other module took.
         if config.offline.max_per_user > 0 {

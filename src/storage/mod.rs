@@ -7,6 +7,7 @@
 //! `migrations/sqlite` and `migrations/postgres` and are applied at open.
 
 pub mod accounts;
+pub mod archive;
 pub mod muc;
 pub mod offline;
 pub mod private;
@@ -22,6 +23,7 @@ use sqlx::sqlite::{
 };
 
 pub use accounts::AccountStore;
+pub use archive::ArchiveStore;
 pub use muc::MucStore;
 pub use offline::{OfflineMessage, OfflineStore};
 pub use private::PrivateStore;
@@ -43,7 +45,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Tables holding per-user data in an `owner` column (the bare JID); their
 /// rows go when the account is deleted.
-pub const USER_TABLES: &[&str] = &["offline_messages", "vcards", "private_storage"];
+pub const USER_TABLES: &[&str] = &[
+    "offline_messages",
+    "vcards",
+    "private_storage",
+    "archive",
+    "archive_prefs",
+];
 
 #[derive(Clone, Debug)]
 pub enum Db {

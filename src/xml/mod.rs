@@ -38,6 +38,17 @@ pub mod ns {
     pub const HINTS: &str = "urn:xmpp:hints";
     pub const SID: &str = "urn:xmpp:sid:0";
     pub const MAM: &str = "urn:xmpp:mam:2";
+    pub const MAM1: &str = "urn:xmpp:mam:1";
+    pub const MAM_EXTENDED: &str = "urn:xmpp:mam:2#extended";
+    pub const MAM_GROUPCHAT_FIELD: &str = "urn:xmpp:mam:2#groupchat-field";
+    pub const XDATA_VALIDATE: &str = "http://jabber.org/protocol/xdata-validate";
+    pub const EME: &str = "urn:xmpp:eme:0";
+    pub const OMEMO_LEGACY: &str = "eu.siacs.conversations.axolotl";
+    pub const OMEMO2: &str = "urn:xmpp:omemo:2";
+    pub const REACTIONS: &str = "urn:xmpp:reactions:0";
+    pub const RETRACT: &str = "urn:xmpp:message-retract:1";
+    pub const JINGLE_MESSAGE: &str = "urn:xmpp:jingle-message:0";
+    pub const CONFERENCE: &str = "jabber:x:conference";
     pub const RSM: &str = "http://jabber.org/protocol/rsm";
     pub const BLOCKING: &str = "urn:xmpp:blocking";
     pub const BLOCKING_ERRORS: &str = "urn:xmpp:blocking:errors";
