@@ -29,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Manage message archives (XEP-0313).
+    Archive {
+        #[command(subcommand)]
+        action: ArchiveAction,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Check the configuration and exit.
@@ -57,6 +62,16 @@ enum UserAction {
     },
     /// List accounts of a domain (default: every configured domain).
     List { domain: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum ArchiveAction {
+    /// Set how long one archive keeps messages: `forever`, `default` (the
+    /// server's `archive.retention`), or a number with d, h, m or s.
+    Retention { jid: String, retention: String },
+    /// Delete expired messages now (the server also does this every
+    /// `archive.expiry_interval_secs`).
+    Expire,
 }
 
 fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
@@ -213,6 +228,46 @@ async fn user_command(cfg: Config, action: UserAction) -> Result<(), String> {
     Ok(())
 }
 
+async fn archive_command(cfg: Config, action: ArchiveAction) -> Result<(), String> {
+    use starling::storage::ArchiveStore;
+    let store = open_store(&cfg).await?;
+    match action {
+        ArchiveAction::Retention { jid, retention } => {
+            let owner = jid::BareJid::new(&jid)
+                .map_err(|e| format!("{jid} is not a bare JID: {e}"))?
+                .to_string();
+            let secs = match retention.trim() {
+                "default" => None,
+                "forever" => Some(0),
+                other => Some(
+                    starling::config::parse_retention(other)?
+                        .map(|s| s as i64)
+                        .unwrap_or(0),
+                ),
+            };
+            store
+                .set_archive_retention(&owner, secs)
+                .await
+                .map_err(|e| e.to_string())?;
+            match secs {
+                None => println!(
+                    "{owner}: server default retention ({})",
+                    cfg.archive.retention
+                ),
+                Some(0) => println!("{owner}: messages kept forever"),
+                Some(s) => println!("{owner}: messages kept {s} seconds"),
+            }
+        }
+        ArchiveAction::Expire => {
+            let default = starling::config::parse_retention(&cfg.archive.retention)?;
+            let n = starling::modules::mam::expire(&store, default, None).await;
+            println!("deleted {n} expired messages");
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
 async fn serve(cfg: Config) -> Result<(), String> {
     let handle = starling::server::Server::start(cfg)
         .await
@@ -277,6 +332,7 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cfg).await,
             Command::User { action } => user_command(cfg, action).await,
+            Command::Archive { action } => archive_command(cfg, action).await,
             Command::Migrate => {
                 let store = open_store(&cfg).await?;
                 println!("database {} is up to date", cfg.database_url());

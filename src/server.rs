@@ -211,7 +211,9 @@ impl Server {
     }
 
     async fn start_listening(self) -> Result<ServerHandle, StartError> {
-        self.archive.start(&self).await?;
+        self.archive
+            .start(&self.tasks, self.shutdown.clone())
+            .await?;
         for m in self.modules.iter() {
             m.start(&self);
         }

@@ -536,6 +536,56 @@ async def mam(ctx):
             check(body in bodies, f"{c.boundjid.bare}'s archive with {peer} lacks the message: {bodies}")
 
 
+@suite.case("archive: RSM paging both ways, result ids = stanza-ids, metadata, form (XEP-0313)",
+            requires=[account_feature(NS_MAM), account_feature(NS_MAM + "#extended")])
+async def mam_paging(ctx):
+    a, b = ctx.accounts(2, "mampage")
+    plugins = ("xep_0030", "xep_0059", "xep_0297", "xep_0313")
+    ca = Client(ctx, a, plugins=plugins)
+    cb = Client(ctx, b, plugins=plugins)
+    async with clients(ca, cb):
+        await ca.online()
+        await cb.online()
+        tag = token()
+        sent = [f"page {tag} {i}" for i in range(12)]
+        stanza_ids = {}
+        for body in sent:
+            ca.send_message(mto=b.jid, mbody=body, mtype="chat")
+            m = await cb.next_message(lambda m, body=body: m["body"] == body, what=body)
+            sid = m.xml.find(f"{{{NS_SID}}}stanza-id")
+            check(sid is not None and sid.get("by") == b.jid, f"{body!r} lacks a stanza-id by {b.jid}")
+            stanza_ids[body] = sid.get("id")
+        mam = cb.plugin["xep_0313"]
+
+        # Forward, five per page (slixmpp's RSM iterator sends <after/>).
+        forward = [(r["mam_result"]["id"], r["mam_result"]["forwarded"]["stanza"]["body"])
+                   async for r in mam.iterate(with_jid=JID(a.jid), rsm={"max": 5})]
+        check([body for _, body in forward] == sent,
+              f"forward paging gave {[body for _, body in forward]}")
+        for rid, body in forward:
+            check(rid == stanza_ids[body], f"result id {rid} != delivered stanza-id {stanza_ids[body]}")
+
+        # Backward from the last page (<before/>, then <before>first</before>).
+        backward = [r["mam_result"]["forwarded"]["stanza"]["body"]
+                    async for r in mam.iterate(with_jid=JID(a.jid), reverse=True, rsm={"max": 5})]
+        check(backward == list(reversed(sent)), f"backward paging gave {backward}")
+
+        # One page of three, then complete.
+        iq = await mam.retrieve(with_jid=JID(a.jid), rsm={"max": 3}, timeout=10)
+        check(len(iq["mam"]["results"]) == 3, f"max 3 gave {len(iq['mam']['results'])} results")
+        check(not iq["mam_fin"]["complete"], "a first page of 3 out of 12 is not complete")
+
+        meta = await mam.get_archive_metadata(timeout=10)
+        check(meta["mam_metadata"]["start"]["id"] == stanza_ids[sent[0]],
+              "metadata start is not the oldest message")
+        check(meta["mam_metadata"]["end"]["id"] == stanza_ids[sent[-1]],
+              "metadata end is not the newest message")
+        form = await mam.get_fields(timeout=10)
+        fields = set(form.get_fields().keys())
+        for f in ("with", "start", "end", "before-id", "after-id", "ids"):
+            check(f in fields, f"the query form lacks {f}: {sorted(fields)}")
+
+
 async def _muc_service(ctx) -> str:
     jid = ctx.features.service_with(NS_MUC)
     if not jid:

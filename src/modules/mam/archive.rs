@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::query::{MamQuery, RsmBefore};
 use crate::config::ArchiveConfig;
-use crate::server::Server;
 use crate::stanza::StanzaError;
 use crate::storage::archive::{ArchiveId, ArchiveRange, Archived, NewArchived, WithFilter};
 use crate::storage::{ArchiveStore, Store, now_micros};
@@ -119,7 +119,11 @@ impl Archive {
     /// Load the highest committed id (ids stay increasing across restarts
     /// even if the clock went back) and start the writer task, which stops
     /// after committing what is queued when the server shuts down.
-    pub async fn start(&self, server: &Server) -> Result<(), crate::storage::StoreError> {
+    pub async fn start(
+        &self,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<(), crate::storage::StoreError> {
         let floor = self.store.archive_max_seq().await?;
         self.last_seq.fetch_max(floor, Ordering::SeqCst);
         let Some(rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
@@ -131,9 +135,9 @@ impl Archive {
             pending: self.pending.clone(),
             stats: self.stats.clone(),
             batch_max: self.batch_max,
-            shutdown: server.shutdown.clone(),
+            shutdown,
         };
-        server.tasks.spawn(writer.run());
+        tasks.spawn(writer.run());
         self.started.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -463,5 +467,96 @@ impl Writer {
         }
         rows.clear();
         self.pending.fetch_sub(n, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::testing::for_each_store;
+
+    fn row(id: ArchiveId, n: usize) -> NewArchived {
+        NewArchived {
+            owner: "alice@x".into(),
+            id,
+            with_bare: "bob@x".into(),
+            with_res: String::new(),
+            outgoing: false,
+            stanza: format!("<message xmlns='jabber:client'><body>{n}</body></message>")
+                .into_bytes(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_commit_in_id_order_and_shutdown_drains() {
+        for_each_store(|store| async move {
+            let config = ArchiveConfig {
+                queue: 64,
+                batch_max: 50,
+                ..Default::default()
+            };
+            // Without a writer, rows are written directly.
+            let direct = Archive::new(store.clone(), &config);
+            let first = direct.append(|id| row(id, 0)).await.unwrap();
+
+            let archive = Arc::new(Archive::new(store.clone(), &config));
+            let tasks = TaskTracker::new();
+            let shutdown = CancellationToken::new();
+            archive.start(&tasks, shutdown.clone()).await.unwrap();
+            let mut handles = Vec::new();
+            for t in 0..4 {
+                let a = archive.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    for i in 0..300 {
+                        ids.push(a.append(|id| row(id, t * 1000 + i)).await.unwrap());
+                    }
+                    ids
+                }));
+            }
+            let mut ids = vec![first];
+            for h in handles {
+                ids.extend(h.await.unwrap());
+            }
+            archive.flush().await;
+            let page = archive
+                .store()
+                .archive_range("alice@x", &ArchiveRange::default(), 2000)
+                .await
+                .unwrap();
+            let stored: Vec<ArchiveId> = page.iter().map(|r| r.id).collect();
+            ids.sort();
+            assert_eq!(stored, ids, "every id committed once, ids unique");
+            assert!(stored[0] == first && stored[1].seq > first.seq);
+            assert!(archive.stats.batches.load(Ordering::Relaxed) >= 1200 / 50);
+
+            // Rows queued before shutdown are committed by the writer on its
+            // way out; afterwards appends are refused.
+            for i in 0..100 {
+                archive.append(|id| row(id, 5000 + i)).await.unwrap();
+            }
+            shutdown.cancel();
+            tasks.close();
+            tasks.wait().await;
+            let n = archive
+                .store()
+                .archive_count("alice@x", &ArchiveRange::default(), 10_000)
+                .await
+                .unwrap();
+            assert_eq!(n, Some(1301));
+            assert!(archive.append(|id| row(id, 0)).await.is_none());
+            // A restarted archive continues above every committed id, even
+            // one from a clock that ran ahead.
+            let future = ArchiveId {
+                seq: now_micros() + 3_600_000_000,
+                tag: 9,
+            };
+            store.archive_insert(&[row(future, 9)]).await.unwrap();
+            let again = Archive::new(store.clone(), &config);
+            let t2 = TaskTracker::new();
+            again.start(&t2, CancellationToken::new()).await.unwrap();
+            assert_eq!(again.next_id().seq, future.seq + 1);
+        })
+        .await;
     }
 }

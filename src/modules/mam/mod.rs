@@ -195,74 +195,78 @@ impl Mam {
         self.prefs.invalidate(&owner);
         IqReply::Result(Some(prefs.to_element(qns)))
     }
+}
 
-    /// One pass of the expiry task: delete what is older than each
-    /// archive's retention (its own setting, else the server default).
-    /// Returns how many messages were deleted.
-    pub async fn expire(server: &Server, default_retention: Option<u64>) -> u64 {
-        let store = &server.store;
-        let overrides = match store.archive_retention_overrides().await {
-            Ok(v) => v.into_iter().collect::<std::collections::HashMap<_, _>>(),
-            Err(e) => {
-                tracing::error!(error = %e, "archive expiry: reading retention settings failed");
-                return 0;
+/// One pass of archive expiry: delete what is older than each archive's
+/// retention (its own setting, else `default_retention` seconds; None =
+/// forever). Stops early when `cancel` fires. Returns how many messages were
+/// deleted.
+pub async fn expire(
+    store: &crate::storage::Store,
+    default_retention: Option<u64>,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
+) -> u64 {
+    let overrides = match store.archive_retention_overrides().await {
+        Ok(v) => v.into_iter().collect::<std::collections::HashMap<_, _>>(),
+        Err(e) => {
+            tracing::error!(error = %e, "archive expiry: reading retention settings failed");
+            return 0;
+        }
+    };
+    let now = now_micros();
+    let mut deleted = 0;
+    let mut expire_owner = async |owner: &str, secs: i64| {
+        if secs <= 0 {
+            return; // forever
+        }
+        let cutoff = now.saturating_sub(secs.saturating_mul(1_000_000));
+        loop {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return;
             }
-        };
-        let now = now_micros();
-        let mut deleted = 0;
-        let mut expire_owner = async |owner: &str, secs: i64| {
-            if secs <= 0 {
-                return; // forever
-            }
-            let cutoff = now.saturating_sub(secs.saturating_mul(1_000_000));
-            loop {
-                if server.shutdown.is_cancelled() {
-                    return;
-                }
-                match store.archive_expire(owner, cutoff, EXPIRE_CHUNK).await {
-                    Ok(n) => {
-                        deleted += n;
-                        if (n as usize) < EXPIRE_CHUNK {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, owner, "archive expiry failed");
+            match store.archive_expire(owner, cutoff, EXPIRE_CHUNK).await {
+                Ok(n) => {
+                    deleted += n;
+                    if (n as usize) < EXPIRE_CHUNK {
                         return;
                     }
                 }
-            }
-        };
-        match default_retention {
-            // Every archive has a retention: walk the owners by index seeks.
-            Some(default) => {
-                let mut after = String::new();
-                loop {
-                    let next = match store.archive_next_owner(&after).await {
-                        Ok(Some(o)) => o,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::error!(error = %e, "archive expiry: listing archives failed");
-                            break;
-                        }
-                    };
-                    let secs = overrides.get(&next).copied().unwrap_or(default as i64);
-                    expire_owner(&next, secs).await;
-                    after = next;
-                }
-            }
-            // Only archives with their own setting expire.
-            None => {
-                for (owner, secs) in &overrides {
-                    expire_owner(owner, *secs).await;
+                Err(e) => {
+                    tracing::error!(error = %e, owner, "archive expiry failed");
+                    return;
                 }
             }
         }
-        if deleted > 0 {
-            tracing::info!(deleted, "archive expiry removed old messages");
+    };
+    match default_retention {
+        // Every archive has a retention: walk the owners by index seeks.
+        Some(default) => {
+            let mut after = String::new();
+            loop {
+                let next = match store.archive_next_owner(&after).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "archive expiry: listing archives failed");
+                        break;
+                    }
+                };
+                let secs = overrides.get(&next).copied().unwrap_or(default as i64);
+                expire_owner(&next, secs).await;
+                after = next;
+            }
         }
-        deleted
+        // Only archives with their own setting expire.
+        None => {
+            for (owner, secs) in &overrides {
+                expire_owner(owner, *secs).await;
+            }
+        }
     }
+    if deleted > 0 {
+        tracing::info!(deleted, "archive expiry removed old messages");
+    }
+    deleted
 }
 
 #[async_trait]
@@ -414,7 +418,7 @@ impl Module for Mam {
                     _ = server.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(interval) => {}
                 }
-                Mam::expire(&server, retention).await;
+                expire(&server.store, retention, Some(&server.shutdown)).await;
             }
         });
     }
@@ -423,6 +427,55 @@ impl Module for Mam {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::testing::for_each_store;
+
+    #[tokio::test]
+    async fn expiry_follows_default_and_per_owner_retention() {
+        for_each_store(|store| async move {
+            let now = now_micros();
+            let hour = 3_600_000_000i64;
+            let mut rows = Vec::new();
+            for owner in ["a@x", "b@x", "room@muc.x"] {
+                for (i, age) in [3 * hour, 2 * hour, 0].into_iter().enumerate() {
+                    rows.push(NewArchived {
+                        owner: owner.into(),
+                        id: ArchiveId {
+                            seq: now - age + i as i64,
+                            tag: 1,
+                        },
+                        with_bare: "z@x".into(),
+                        with_res: String::new(),
+                        outgoing: false,
+                        stanza: b"<message xmlns='jabber:client'/>".to_vec(),
+                    });
+                }
+            }
+            store.archive_insert(&rows).await.unwrap();
+            // Forever by default: only archives with their own setting go.
+            store
+                .set_archive_retention("a@x", Some(90 * 60))
+                .await
+                .unwrap();
+            assert_eq!(expire(&store, None, None).await, 2);
+            // 150 minutes by default, b@x forever.
+            store.set_archive_retention("b@x", Some(0)).await.unwrap();
+            assert_eq!(expire(&store, Some(150 * 60), None).await, 1);
+            let left = |o: &'static str| {
+                let store = store.clone();
+                async move {
+                    store
+                        .archive_range(o, &Default::default(), 10)
+                        .await
+                        .unwrap()
+                        .len()
+                }
+            };
+            assert_eq!(left("a@x").await, 1);
+            assert_eq!(left("b@x").await, 3);
+            assert_eq!(left("room@muc.x").await, 2);
+        })
+        .await;
+    }
 
     #[test]
     fn strip_keeps_origin_id_and_foreign_ids() {
