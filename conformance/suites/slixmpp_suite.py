@@ -631,6 +631,65 @@ async def muc_basic(ctx):
                                what="bob's leave")
 
 
+@suite.case("MUC: a late joiner gets the history with delay, then the subject (XEP-0045)",
+            requires=[service(NS_MUC)])
+async def muc_history(ctx):
+    service_jid = await _muc_service(ctx)
+    a, b = ctx.accounts(2, "muc")
+    plugins = ("xep_0030", "xep_0045", "xep_0203")
+    ca, cb = Client(ctx, a, plugins=plugins), Client(ctx, b, plugins=plugins)
+    async with clients(ca, cb):
+        await ca.online()
+        await cb.online()
+        room = f"history-{token()}@{service_jid}"
+        await _create_room(ca, room, "alice")
+        subject = "subject " + token()
+        ca.plugin["xep_0045"].set_subject(JID(room), subject)
+        await ca.next_message(lambda m: m["subject"] == subject, what="the subject change")
+        bodies = [f"history {i} {token()}" for i in range(3)]
+        for body in bodies:
+            ca.send_message(mto=room, mbody=body, mtype="groupchat")
+            await ca.next_message(lambda m, body=body: m["body"] == body, what="the reflection")
+        _pres, subj, _occupants, history = await cb.plugin["xep_0045"].join_muc_wait(
+            JID(room), "bob", maxstanzas=10, timeout=10)
+        got = [m["body"] for m in history]
+        check(got[-3:] == bodies, f"history {got}, want {bodies}")
+        for m in history[-3:]:
+            check(m.xml.find(f"{{{NS_DELAY}}}delay") is not None, f"history message without <delay/>: {m}")
+            check(m["from"] == JID(f"{room}/alice"), f"history from {m['from']}")
+        check(subj["subject"] == subject, f"subject {subj['subject']!r}, want {subject!r}")
+
+
+@suite.case("MUC: the room archive has the message, with the room's stanza-id (XEP-0313)",
+            requires=[service(NS_MUC)])
+async def muc_archive(ctx):
+    service_jid = await _muc_service(ctx)
+    a, b = ctx.accounts(2, "muc")
+    plugins = ("xep_0030", "xep_0045", "xep_0059", "xep_0297", "xep_0313")
+    ca, cb = Client(ctx, a, plugins=plugins), Client(ctx, b, plugins=plugins)
+    async with clients(ca, cb):
+        await ca.online()
+        await cb.online()
+        room = f"archive-{token()}@{service_jid}"
+        await _create_room(ca, room, "alice")
+        info = await ca.plugin["xep_0030"].get_info(jid=room, cached=False, timeout=10)
+        if NS_MAM not in info["disco_info"]["features"]:
+            raise Skip(f"the room does not advertise {NS_MAM}")
+        await cb.plugin["xep_0045"].join_muc_wait(JID(room), "bob", maxstanzas=0, timeout=10)
+        body = "archived in the room " + token()
+        ca.send_message(mto=room, mbody=body, mtype="groupchat")
+        live = await cb.next_message(lambda m: m["body"] == body, what="the groupchat message")
+        sid = live.xml.find(f"{{{NS_SID}}}stanza-id")
+        check(sid is not None and sid.get("by") == room,
+              f"groupchat message lacks <stanza-id by='{room}'>")
+        iq = await cb.plugin["xep_0313"].retrieve(jid=JID(room), timeout=10)
+        results = iq["mam"]["results"]
+        found = [r for r in results if r["mam_result"]["forwarded"]["stanza"]["body"] == body]
+        check(found, f"the room archive lacks the message ({len(results)} results)")
+        check(found[0]["mam_result"]["id"] == sid.get("id"),
+              f"archive id {found[0]['mam_result']['id']} differs from the live stanza-id {sid.get('id')}")
+
+
 @suite.case("client state indication: presence held while inactive, messages not (XEP-0352)",
             requires=[stream_feature("urn:xmpp:csi:0", "csi")])
 async def csi(ctx):
