@@ -33,7 +33,8 @@ from nbxmpp.const import ConnectionProtocol, ConnectionType  # noqa: E402
 from nbxmpp.protocol import JID, Message, Presence  # noqa: E402
 from nbxmpp.structs import StanzaHandler  # noqa: E402
 
-from harness.suite import Account, Context, Fail, Suite, check, stream_feature  # noqa: E402
+from harness.suite import (Account, Context, Fail, Suite, check, service,  # noqa: E402
+                           stream_feature)
 
 suite = Suite("nbxmpp", "nbxmpp 7.4 (Gajim's library), GLib + GnuTLS")
 
@@ -52,6 +53,15 @@ def pump(cond: Callable[[], bool], timeout: float, what: str) -> None:
             MAIN.iteration(True)
     finally:
         GLib.source_remove(tick)
+
+
+def spin(seconds: float) -> None:
+    """Run the GLib main context for a while (lets nbxmpp write what it queued)."""
+    deadline = time.monotonic() + seconds
+    try:
+        pump(lambda: time.monotonic() >= deadline, seconds + 5, "")
+    except Fail:
+        pass
 
 
 class NbClient:
@@ -237,6 +247,65 @@ def server_queries(ctx):
         check(t, f"entity time {t!r}")
     finally:
         c.close()
+
+
+@suite.case("MUC: join with self-presence (110) and talk through nbxmpp's MUC parsing (XEP-0045)",
+            requires=[service("http://jabber.org/protocol/muc")], timeout=30)
+def muc_join(ctx):
+    import asyncio
+
+    from harness.slix import Client as SlixClient
+    from suites.slixmpp_suite import _create_room
+
+    muc = ctx.features.service_with("http://jabber.org/protocol/muc")
+    owner_acct, acct = ctx.accounts(2, "nbmuc")
+    room = f"gajim-{secrets.token_hex(4)}@{muc}"
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # slixmpp binds to the current loop when constructed
+    owner = SlixClient(ctx, owner_acct, plugins=("xep_0030", "xep_0045"))
+    loop.run_until_complete(owner.online())
+    c = NbClient(ctx, acct)
+    try:
+        loop.run_until_complete(_create_room(owner, room, "owner"))
+        c.connect()
+        join = Presence(to=f"{room}/gajim")
+        join.setTag("x", namespace="http://jabber.org/protocol/muc")
+        c.client.send_stanza(join)
+        found: list = []
+
+        def self_presence() -> bool:
+            for _s, p in c.presences:
+                if getattr(p, "from_muc", False) and p.is_muc_self_presence:
+                    found.append(p)
+                    return True
+            return False
+        pump(self_presence, 10, "the MUC self-presence (status 110)")
+        p = found[0]
+        check(str(p.muc_jid) == room and p.muc_nickname == "gajim", f"self-presence {p.jid}")
+        check(p.muc_user is not None and p.muc_user.role.value == "participant",
+              f"role {p.muc_user.role if p.muc_user else None}")
+        body = "from gajim " + secrets.token_hex(4)
+        c.client.send_stanza(Message(to=room, body=body, typ="groupchat"))
+        spin(0.3)  # nbxmpp writes from the GLib loop, which does not run while asyncio does
+        got = loop.run_until_complete(owner.next_message(lambda m: m["body"] == body,
+                                                        what="nbxmpp's groupchat message"))
+        check(str(got["from"]) == f"{room}/gajim", f"from {got['from']}")
+        reply = "to gajim " + secrets.token_hex(4)
+        owner.send_message(mto=room, mbody=reply, mtype="groupchat")
+        # Let slixmpp flush its send queue, then wait in GLib.
+        loop.run_until_complete(asyncio.sleep(0.2))
+        _s, m = c.wait_message(lambda s, m: m.body == reply, "the owner's groupchat message")
+        check(m.type.value == "groupchat" and m.muc_nickname == "owner",
+              f"type {m.type} nick {m.muc_nickname}")
+    finally:
+        c.close()
+        loop.run_until_complete(owner.close())
+        pending = asyncio.all_tasks(loop)
+        for t in pending:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 @suite.case("stream management: enabled, then resumed after the socket is cut (XEP-0198)",
