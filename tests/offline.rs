@@ -512,3 +512,44 @@ async fn more_offline_messages_than_the_mailbox_holds() {
     expect_no_message(&mut b, 200).await;
     srv.shutdown().await;
 }
+
+/// Offline storage and the archive agree: the stored message carries the
+/// recipient's archive stanza-id (XEP-0359), so a client that fetches both
+/// can deduplicate (CLIENTS.md).
+#[tokio::test]
+async fn offline_message_carries_the_archive_stanza_id() {
+    for db in TestDb::all().await {
+        eprintln!("-- backend {}", db.backend_name());
+        let srv = TestServer::start_on(db.open().await, |c| c.archive.enabled = true).await;
+        srv.add_user("alice").await;
+        srv.add_user("bob").await;
+        let mut a = srv.online("alice", "a").await;
+        a.send(&chat("bob@localhost", "archived and offline"))
+            .await
+            .unwrap();
+        round_trip(&mut a).await;
+        let mut b = srv.online("bob", "b").await;
+        let m = expect_message(&mut b).await;
+        assert_eq!(body(&m).as_deref(), Some("archived and offline"));
+        let sids: Vec<&Element> = m
+            .children()
+            .filter(|c| c.is("stanza-id", ns::SID) && c.attr("by") == Some("bob@localhost"))
+            .collect();
+        assert_eq!(sids.len(), 1, "one stanza-id by bob's archive: {m:?}");
+        let sid = sids[0].attr("id").unwrap().to_owned();
+        // The same id in bob's archive.
+        b.send_str("<iq type='set' id='mam1'><query xmlns='urn:xmpp:mam:2' queryid='q1'/></iq>")
+            .await
+            .unwrap();
+        let r = expect(&mut b, "an archive result", |e| {
+            e.get_child("result", ns::MAM)
+                .is_some_and(|r| r.attr("queryid") == Some("q1"))
+        })
+        .await;
+        assert_eq!(
+            r.get_child("result", ns::MAM).and_then(|r| r.attr("id")),
+            Some(sid.as_str())
+        );
+        srv.shutdown().await;
+    }
+}
