@@ -24,6 +24,127 @@ pub struct Config {
     pub private_storage: PrivateStorageConfig,
     pub muc: MucConfig,
     pub archive: ArchiveConfig,
+    pub s2s: S2sConfig,
+}
+
+/// Server-to-server streams (federation, RFC 6120).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S2sConfig {
+    /// Federate at all. When off, stanzas to remote domains bounce with
+    /// `remote-server-not-found` and no s2s port is opened.
+    pub enabled: bool,
+    /// Listeners for incoming streams with STARTTLS, usually port 5269.
+    pub listen: Vec<SocketAddr>,
+    /// Listeners for incoming streams with direct TLS (XEP-0368, ALPN
+    /// `xmpp-server`), e.g. port 5270. Empty by default.
+    pub direct_tls: Vec<SocketAddr>,
+    /// Require TLS on every stream, incoming and outgoing (recommended).
+    pub require_tls: bool,
+    /// Refuse peers that cannot authenticate with a certificate valid for
+    /// their domain (no Server Dialback-only peers).
+    pub secure_auth: bool,
+    /// Offer and use Server Dialback (XEP-0220) when certificates do not
+    /// authenticate a peer.
+    pub dialback: bool,
+    /// Extra CA certificates (PEM) trusted for peers, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Trust the system's root certificates for peers.
+    pub system_roots: bool,
+    /// If not empty, federate only with these remote domains.
+    pub allow: Vec<String>,
+    /// Never federate with these remote domains.
+    pub deny: Vec<String>,
+    /// DNS server to ask instead of the system's resolvers (`ip:port` or
+    /// `ip`), for tests and split-horizon setups.
+    pub resolver: Option<String>,
+    /// Static addresses per remote domain, bypassing DNS:
+    /// `{ "example.net" = ["192.0.2.1:5269"] }`. Prefix an address with
+    /// `tls://` for direct TLS.
+    pub hosts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Seconds for one DNS lookup.
+    pub dns_timeout_secs: u64,
+    /// Seconds for one TCP connection attempt.
+    pub connect_timeout_secs: u64,
+    /// Seconds a stream may take from connecting to being authenticated.
+    pub auth_timeout_secs: u64,
+    /// Seconds without traffic after which a stream is closed (it reopens
+    /// on demand).
+    pub idle_timeout_secs: u64,
+    /// Seconds a remote domain that could not be reached stays marked as
+    /// failed (stanzas to it bounce at once).
+    pub retry_after_secs: u64,
+    /// Stanzas queued per outgoing stream (while it is set up or busy).
+    pub queue_length: usize,
+    /// Largest stanza from a remote server, in bytes.
+    pub max_stanza_bytes: usize,
+    /// Incoming streams from one remote domain at the same time.
+    pub max_streams_per_domain: usize,
+    /// Incoming bytes per second per stream; a faster peer is slowed down
+    /// (its socket is read less often).
+    pub max_bytes_per_sec: u64,
+    /// Stanzas per second a remote server may send on one stream on
+    /// average...
+    pub max_stanzas_per_sec: u64,
+    /// ... with bursts of this many; beyond that the stream is closed with
+    /// `policy-violation`.
+    pub max_stanza_burst: u64,
+    /// Stream management (XEP-0198) on server-to-server streams, so that
+    /// stanzas lost with a broken connection are resent or bounced.
+    pub stream_management: bool,
+    /// Secret for dialback keys (XEP-0185). Empty: a random secret created
+    /// once and kept in the database. Set it when several Starling nodes
+    /// serve the same domains.
+    pub dialback_secret: String,
+}
+
+impl Default for S2sConfig {
+    fn default() -> Self {
+        S2sConfig {
+            enabled: true,
+            listen: vec!["0.0.0.0:5269".parse().expect("valid address")],
+            direct_tls: Vec::new(),
+            require_tls: true,
+            secure_auth: false,
+            dialback: true,
+            ca_file: None,
+            system_roots: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            resolver: None,
+            hosts: Default::default(),
+            dns_timeout_secs: 5,
+            connect_timeout_secs: 10,
+            auth_timeout_secs: 30,
+            idle_timeout_secs: 600,
+            retry_after_secs: 30,
+            queue_length: 10_000,
+            max_stanza_bytes: 512 * 1024,
+            max_streams_per_domain: 4,
+            max_bytes_per_sec: 4 * 1024 * 1024,
+            max_stanzas_per_sec: 2_000,
+            max_stanza_burst: 20_000,
+            stream_management: true,
+            dialback_secret: String::new(),
+        }
+    }
+}
+
+impl S2sConfig {
+    /// May we federate with this remote domain?
+    pub fn allows(&self, domain: &str) -> bool {
+        let matches = |list: &[String]| {
+            list.iter().any(|d| {
+                d.eq_ignore_ascii_case(domain)
+                    || d.strip_prefix("*.").is_some_and(|parent| {
+                        domain.len() > parent.len() + 1
+                            && domain[domain.len() - parent.len()..].eq_ignore_ascii_case(parent)
+                            && domain.as_bytes()[domain.len() - parent.len() - 1] == b'.'
+                    })
+            })
+        };
+        !matches(&self.deny) && (self.allow.is_empty() || matches(&self.allow))
+    }
 }
 
 /// Stream management (XEP-0198).
@@ -578,6 +699,27 @@ impl Config {
                     .into(),
             ));
         }
+        if self.s2s.max_stanza_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "s2s.max_stanza_bytes must be at least 1024".into(),
+            ));
+        }
+        if let Some(r) = &self.s2s.resolver
+            && crate::s2s::dns::parse_nameserver(r).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "s2s.resolver {r:?} is not an IP address or ip:port"
+            )));
+        }
+        for (domain, addrs) in &self.s2s.hosts {
+            for a in addrs {
+                if crate::s2s::dns::parse_static_target(a).is_none() {
+                    return Err(ConfigError::Invalid(format!(
+                        "s2s.hosts.{domain:?}: {a:?} is not ip:port or tls://ip:port"
+                    )));
+                }
+            }
+        }
         if self.tls.certificate.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.certificate and tls.key go together".into(),
@@ -623,6 +765,10 @@ impl Config {
         cfg.c2s.starttls = vec!["127.0.0.1:0".parse().expect("valid address")];
         cfg.c2s.direct_tls = vec!["127.0.0.1:0".parse().expect("valid address")];
         cfg.server.shutdown_grace_secs = 2;
+        // Hermetic tests: no federation unless a test turns it on (with its
+        // own resolver or static hosts).
+        cfg.s2s.enabled = false;
+        cfg.s2s.listen = vec!["127.0.0.1:0".parse().expect("valid address")];
         cfg
     }
 }
@@ -665,6 +811,25 @@ mod tests {
         let m = Config::from_toml("[muc]\nsubdomain = 'rooms'\nroom_creation = 'anyone'").unwrap();
         assert_eq!(m.muc_domains(), vec!["rooms.localhost".to_string()]);
         assert_eq!(m.muc.room_creation, RoomCreation::Anyone);
+    }
+
+    #[test]
+    fn s2s_allow_and_deny_lists() {
+        let mut c = S2sConfig::default();
+        assert!(c.allows("example.net"));
+        c.deny = vec!["bad.example".into(), "*.evil.example".into()];
+        assert!(!c.allows("bad.example"));
+        assert!(!c.allows("BAD.example"));
+        assert!(!c.allows("x.evil.example"));
+        assert!(c.allows("evil.example"));
+        assert!(c.allows("notevil.example"));
+        c.allow = vec!["friend.example".into()];
+        assert!(c.allows("friend.example"));
+        assert!(!c.allows("example.net"));
+        assert!(Config::from_toml("[s2s]\nresolver = 'nonsense'").is_err());
+        assert!(Config::from_toml("[s2s]\nresolver = '127.0.0.1:5353'").is_ok());
+        assert!(Config::from_toml("[s2s.hosts]\n'b.test' = ['tls://127.0.0.1:5270']").is_ok());
+        assert!(Config::from_toml("[s2s.hosts]\n'b.test' = ['localhost']").is_err());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct ServerInner {
     remote: RwLock<Option<Arc<dyn RemoteRouter>>>,
     pending_iqs: Mutex<HashMap<String, oneshot::Sender<Element>>>,
     c2s_settings: std::sync::OnceLock<[Arc<crate::c2s::C2sSettings>; 2]>,
+    /// Federation, once started.
+    s2s: std::sync::OnceLock<Arc<crate::s2s::S2s>>,
     /// Secret for deriving values that must be stable per server (fake SCRAM
     /// salts for unknown users).
     pub secret: Vec<u8>,
@@ -80,6 +82,10 @@ pub struct ServerHandle {
     pub c2s_starttls: Vec<SocketAddr>,
     /// Bound addresses of the direct-TLS client listeners.
     pub c2s_direct_tls: Vec<SocketAddr>,
+    /// Bound addresses of the server-to-server listeners (STARTTLS).
+    pub s2s: Vec<SocketAddr>,
+    /// Bound addresses of the server-to-server direct-TLS listeners.
+    pub s2s_direct_tls: Vec<SocketAddr>,
 }
 
 impl ServerHandle {
@@ -149,6 +155,16 @@ impl Drop for ConnectionGuard<'_> {
 pub enum ListenerKind {
     C2sStartTls,
     C2sDirectTls,
+    /// Server-to-server, STARTTLS (port 5269).
+    S2s,
+    /// Server-to-server, direct TLS (XEP-0368, ALPN `xmpp-server`).
+    S2sDirectTls,
+}
+
+impl ListenerKind {
+    pub fn is_s2s(self) -> bool {
+        matches!(self, ListenerKind::S2s | ListenerKind::S2sDirectTls)
+    }
 }
 
 impl Server {
@@ -190,6 +206,7 @@ impl Server {
             remote: RwLock::new(None),
             pending_iqs: Mutex::new(HashMap::new()),
             c2s_settings: std::sync::OnceLock::new(),
+            s2s: std::sync::OnceLock::new(),
             secret: crate::auth::random_bytes(32),
             config,
         })))
@@ -221,7 +238,22 @@ impl Server {
             server: self.clone(),
             c2s_starttls: Vec::new(),
             c2s_direct_tls: Vec::new(),
+            s2s: Vec::new(),
+            s2s_direct_tls: Vec::new(),
         };
+        if self.config.s2s.enabled {
+            let s2s = crate::s2s::S2s::new(&self).await?;
+            let _ = self.s2s.set(s2s.clone());
+            self.set_remote_router(s2s);
+            for addr in self.config.s2s.listen.clone() {
+                let local = self.listen(addr, ListenerKind::S2s).await?;
+                handle.s2s.push(local);
+            }
+            for addr in self.config.s2s.direct_tls.clone() {
+                let local = self.listen(addr, ListenerKind::S2sDirectTls).await?;
+                handle.s2s_direct_tls.push(local);
+            }
+        }
         for addr in self.config.c2s.starttls.clone() {
             let local = self.listen(addr, ListenerKind::C2sStartTls).await?;
             handle.c2s_starttls.push(local);
@@ -234,6 +266,8 @@ impl Server {
             domains = ?self.config.server.domains,
             starttls = ?handle.c2s_starttls,
             direct_tls = ?handle.c2s_direct_tls,
+            s2s = ?handle.s2s,
+            s2s_direct_tls = ?handle.s2s_direct_tls,
             store = self.store.backend_name(),
             "Starling started"
         );
@@ -276,10 +310,22 @@ impl Server {
                     limits.max_connections_per_ip,
                 ) else {
                     tracing::info!(%peer, "connection limit reached; refusing");
-                    crate::c2s::refuse(stream, kind).await;
+                    if !kind.is_s2s() {
+                        crate::c2s::refuse(stream, kind).await;
+                    }
                     return;
                 };
-                crate::c2s::serve(server.clone(), stream, peer, kind).await;
+                match kind {
+                    ListenerKind::S2s => {
+                        crate::s2s::connection::serve_incoming(server.clone(), stream, peer, false)
+                            .await
+                    }
+                    ListenerKind::S2sDirectTls => {
+                        crate::s2s::connection::serve_incoming(server.clone(), stream, peer, true)
+                            .await
+                    }
+                    _ => crate::c2s::serve(server.clone(), stream, peer, kind).await,
+                }
             });
         }
     }
@@ -330,6 +376,11 @@ impl Server {
 
     pub fn set_remote_router(&self, r: Arc<dyn RemoteRouter>) {
         *self.remote.write().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// Federation, if enabled and started.
+    pub fn s2s(&self) -> Option<Arc<crate::s2s::S2s>> {
+        self.s2s.get().cloned()
     }
 
     pub fn remote_router(&self) -> Option<Arc<dyn RemoteRouter>> {
@@ -389,8 +440,8 @@ impl Server {
             [Arc::new(base), Arc::new(direct)]
         });
         match kind {
-            ListenerKind::C2sStartTls => pair[0].clone(),
-            ListenerKind::C2sDirectTls => pair[1].clone(),
+            ListenerKind::C2sDirectTls | ListenerKind::S2sDirectTls => pair[1].clone(),
+            _ => pair[0].clone(),
         }
     }
 

@@ -142,6 +142,184 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// A rustls server configuration for incoming server-to-server streams:
+/// like [`server_config`], and it asks the peer for its certificate
+/// without requiring one. The certificate is judged after the handshake
+/// (`s2s::pkix`), because a peer whose certificate we cannot verify can
+/// still authenticate with Server Dialback (XEP-0220).
+pub fn s2s_server_config(
+    certs: &Arc<CertStore>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = crypto_provider();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(DeferredVerifier(provider)))
+        .with_cert_resolver(Arc::new(SniResolver(certs.clone())));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// A rustls client configuration for outgoing server-to-server streams from
+/// `local_domain`: it presents the certificate of that domain (for SASL
+/// EXTERNAL, XEP-0178) and accepts any server certificate for the handshake;
+/// the certificate is judged afterwards (`s2s::pkix`).
+pub fn s2s_client_config(
+    certs: &Arc<CertStore>,
+    local_domain: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = crypto_provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(DeferredVerifier(provider)))
+        .with_client_cert_resolver(Arc::new(ClientCertResolver {
+            certs: certs.clone(),
+            domain: local_domain.to_owned(),
+        }));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// Presents our certificate for one local domain as a TLS client.
+#[derive(Debug)]
+struct ClientCertResolver {
+    certs: Arc<CertStore>,
+    domain: String,
+}
+
+impl rustls::client::ResolvesClientCert for ClientCertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.certs
+            .for_name(Some(&self.domain))
+            .map(|c| c.certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Checks the handshake signatures (so the peer holds the key of the
+/// certificate it presents) and defers the judgement of the certificate
+/// itself to the stream, which knows which domain it has to be valid for and
+/// can fall back to Server Dialback when it is not.
+#[derive(Debug)]
+struct DeferredVerifier(Arc<rustls::crypto::CryptoProvider>);
+
+impl DeferredVerifier {
+    fn schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for DeferredVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for DeferredVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes()
+    }
+}
+
 /// Channel-binding data of an established server-side TLS connection.
 pub fn channel_bindings(conn: &rustls::ServerConnection, certs: &CertStore) -> ChannelBindings {
     let mut exporter = [0u8; 32];

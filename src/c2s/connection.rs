@@ -77,7 +77,7 @@ pub async fn serve(server: Server, tcp: TcpStream, peer: SocketAddr, kind: Liste
                 }
             }
         }
-        ListenerKind::C2sStartTls => (
+        _ => (
             TcpTransport::new(Socket::Plain(tcp), peer, max),
             false,
             ChannelBindings::default(),

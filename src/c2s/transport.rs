@@ -4,23 +4,16 @@
 //! transport of the connection that resumed it.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
 use minidom::Element;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::auth::ChannelBindings;
+use crate::stream::XmlConn;
 use crate::tls::CertStore;
-use crate::xml::{StreamEvent, StreamParser, XmlError, ns, serialize_into, stream_header};
-
-/// How long one write may stall before the peer is considered gone.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::xml::{StreamEvent, XmlError, ns, stream_header};
 
 #[async_trait]
 pub trait ClientTransport: Send {
@@ -60,97 +53,17 @@ pub trait ClientTransport: Send {
     fn kind(&self) -> &'static str;
 }
 
-/// Plain TCP or TLS over TCP.
-pub enum Socket {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// Transient state during the STARTTLS upgrade.
-    Upgrading,
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Socket::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Socket::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Socket::Upgrading => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Socket::Upgrading => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-/// The stream error element and the stream close, as bytes.
-pub fn stream_error_bytes(condition: &str, text: Option<&str>, app: Option<&Element>) -> Vec<u8> {
-    let mut b = Element::builder("error", ns::STREAM)
-        .append(Element::builder(condition, ns::STREAM_ERRORS).build());
-    if let Some(t) = text {
-        b = b.append(
-            Element::builder("text", ns::STREAM_ERRORS)
-                .append(t)
-                .build(),
-        );
-    }
-    if let Some(a) = app {
-        b = b.append(a.clone());
-    }
-    let mut out = Vec::with_capacity(160);
-    serialize_into(&mut out, &b.build(), ns::CLIENT);
-    out.extend_from_slice(b"</stream:stream>");
-    out
-}
+pub use crate::stream::{Socket, WRITE_TIMEOUT, stream_error_bytes};
 
 /// XMPP over TCP, with or without TLS.
 pub struct TcpTransport {
-    socket: Socket,
-    peer: SocketAddr,
-    parser: StreamParser,
-    max_stanza: usize,
-    rbuf: BytesMut,
-    wbuf: Vec<u8>,
-    eof: bool,
+    conn: XmlConn,
 }
 
 impl TcpTransport {
     pub fn new(socket: Socket, peer: SocketAddr, max_stanza: usize) -> Self {
         TcpTransport {
-            socket,
-            peer,
-            parser: StreamParser::new(max_stanza),
-            max_stanza,
-            rbuf: BytesMut::new(),
-            wbuf: Vec::new(),
-            eof: false,
+            conn: XmlConn::new(socket, peer, max_stanza, ns::CLIENT),
         }
     }
 }
@@ -158,75 +71,36 @@ impl TcpTransport {
 #[async_trait]
 impl ClientTransport for TcpTransport {
     async fn read(&mut self) -> std::io::Result<bool> {
-        if self.eof {
-            return Ok(false);
-        }
-        if self.rbuf.capacity() < 4096 {
-            self.rbuf.reserve(4096);
-        }
-        let n = self.socket.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            self.eof = true;
-        }
-        Ok(n > 0)
+        Ok(self.conn.read().await? > 0)
     }
 
     fn take_events(&mut self) -> (Vec<StreamEvent>, Option<XmlError>) {
-        let err = if self.rbuf.is_empty() {
-            None
-        } else {
-            self.parser.feed(&self.rbuf).err()
-        };
-        self.rbuf.clear();
-        // Idle connections keep no large buffers.
-        if self.rbuf.capacity() > 64 * 1024 {
-            self.rbuf = BytesMut::new();
-        }
-        let mut events = Vec::new();
-        while let Some(ev) = self.parser.next_event() {
-            events.push(ev);
-        }
-        (events, err)
+        self.conn.take_events()
     }
 
     fn send_header(&mut self, id: &str, from: &str) {
-        self.wbuf
-            .extend(stream_header(ns::CLIENT, Some(from), None, Some(id), ""));
+        self.conn
+            .send_bytes(&stream_header(ns::CLIENT, Some(from), None, Some(id), ""));
     }
 
     fn send_element(&mut self, el: &Element) {
-        serialize_into(&mut self.wbuf, el, ns::CLIENT);
+        self.conn.send_element(el);
     }
 
     fn send_stream_error(&mut self, condition: &str, text: Option<&str>, app: Option<&Element>) {
-        self.wbuf.extend(stream_error_bytes(condition, text, app));
+        self.conn.send_stream_error(condition, text, app);
     }
 
     fn send_close(&mut self) {
-        self.wbuf.extend_from_slice(b"</stream:stream>");
+        self.conn.send_close();
     }
 
     fn pending(&self) -> usize {
-        self.wbuf.len()
+        self.conn.pending()
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let res = tokio::time::timeout(WRITE_TIMEOUT, async {
-            self.socket.write_all(&self.wbuf).await?;
-            self.socket.flush().await
-        })
-        .await;
-        self.wbuf.clear();
-        if self.wbuf.capacity() > 64 * 1024 {
-            self.wbuf = Vec::new();
-        }
-        match res {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        }
+        self.conn.flush().await
     }
 
     async fn starttls(
@@ -235,47 +109,31 @@ impl ClientTransport for TcpTransport {
         certs: &CertStore,
         timeout: Duration,
     ) -> Option<ChannelBindings> {
-        if self.flush().await.is_err() {
-            return None;
-        }
-        let Socket::Plain(tcp) = std::mem::replace(&mut self.socket, Socket::Upgrading) else {
-            return None;
-        };
-        // Anything the client pipelined after <starttls/> is discarded.
-        self.rbuf.clear();
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                let b = crate::tls::channel_bindings(tls.get_ref().1, certs);
-                self.socket = Socket::Tls(Box::new(tls));
-                self.reset();
-                Some(b)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "STARTTLS handshake failed");
+        match self.conn.starttls_server(config, timeout).await {
+            Ok(()) => match self.conn.socket() {
+                Socket::Tls(tls) => Some(crate::tls::channel_bindings(tls.get_ref().1, certs)),
+                _ => None,
+            },
+            Err(e) => {
+                tracing::debug!(peer = %self.conn.peer(), error = %e, "STARTTLS handshake failed");
                 None
             }
-            Err(_) => None,
         }
     }
 
     fn reset(&mut self) {
-        self.parser = StreamParser::new(self.max_stanza);
+        self.conn.reset();
     }
 
     async fn shutdown(&mut self) {
-        let _ = self.flush().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.socket.shutdown()).await;
+        self.conn.shutdown().await;
     }
 
     fn peer(&self) -> SocketAddr {
-        self.peer
+        self.conn.peer()
     }
 
     fn kind(&self) -> &'static str {
-        match self.socket {
-            Socket::Tls(_) => "tls",
-            _ => "tcp",
-        }
+        self.conn.kind()
     }
 }

@@ -11,6 +11,7 @@ pub mod archive;
 pub mod muc;
 pub mod offline;
 pub mod private;
+pub mod secrets;
 pub mod testing;
 pub mod vcard;
 
@@ -27,6 +28,7 @@ pub use archive::ArchiveStore;
 pub use muc::MucStore;
 pub use offline::{OfflineMessage, OfflineStore};
 pub use private::PrivateStore;
+pub use secrets::SecretStore;
 pub use vcard::VCardStore;
 
 #[derive(Debug, thiserror::Error)]

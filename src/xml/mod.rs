@@ -12,6 +12,10 @@ pub use writer::{serialize, serialize_into, stream_header};
 pub mod ns {
     pub const CLIENT: &str = "jabber:client";
     pub const SERVER: &str = "jabber:server";
+    pub const DIALBACK: &str = "jabber:server:dialback";
+    pub const DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
+    pub const BIDI: &str = "urn:xmpp:bidi";
+    pub const BIDI_FEATURE: &str = "urn:xmpp:features:bidi";
     pub const STREAM: &str = "http://etherx.jabber.org/streams";
     pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
     pub const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";

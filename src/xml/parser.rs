@@ -106,6 +106,9 @@ pub struct StreamParser {
     events: std::collections::VecDeque<StreamEvent>,
     failed: Option<XmlError>,
     ended: bool,
+    /// Hand out elements of `jabber:server` as `jabber:client` (the
+    /// namespace stanzas have inside the server).
+    server_as_client: bool,
 }
 
 impl StreamParser {
@@ -128,7 +131,17 @@ impl StreamParser {
             events: Default::default(),
             failed: None,
             ended: false,
+            server_as_client: false,
         }
+    }
+
+    /// For server-to-server streams: elements qualified by `jabber:server`
+    /// come out qualified by `jabber:client`, so that stanzas from remote
+    /// servers look like every other stanza inside Starling (the writer
+    /// turns them back when they go out on a `jabber:server` stream).
+    pub fn server_stanzas_as_client(mut self) -> Self {
+        self.server_as_client = true;
+        self
     }
 
     /// True once `</stream:stream>` was parsed.
@@ -333,7 +346,10 @@ impl StreamParser {
     }
 
     fn open_child(&mut self, head: PendingHead) -> Result<(), XmlError> {
-        let element_ns = self.resolve_element_ns(&head, &head.decls)?;
+        let mut element_ns = self.resolve_element_ns(&head, &head.decls)?;
+        if self.server_as_client && element_ns == ns::SERVER {
+            element_ns = ns::CLIENT.to_owned();
+        }
         let mut builder = Element::builder(head.name.1.as_str(), element_ns);
         let mut seen: Vec<(String, &str)> = Vec::with_capacity(head.attrs.len());
         for ((prefix, local), _) in &head.attrs {
@@ -601,6 +617,38 @@ mod tests {
         let (evs, err) = parse_all(doc.as_bytes(), 1 << 20);
         assert_eq!(err, None);
         assert_eq!(evs.len(), 2);
+    }
+
+    #[test]
+    fn server_stanzas_can_come_out_as_client() {
+        let doc = "<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' \
+            xmlns:stream='http://etherx.jabber.org/streams' to='a.test' version='1.0'>\
+            <message from='x@b.test' to='y@a.test'><body>hi</body>\
+            <forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'/></forwarded></message>\
+            <db:result from='b.test' to='a.test'>abc</db:result>";
+        let mut p = StreamParser::new(1 << 20).server_stanzas_as_client();
+        p.feed(doc.as_bytes()).unwrap();
+        match p.next_event() {
+            Some(StreamEvent::Header(h)) => {
+                assert_eq!(h.default_ns, ns::SERVER);
+                assert_eq!(h.dialback_ns.as_deref(), Some(ns::DIALBACK));
+            }
+            other => panic!("{other:?}"),
+        }
+        match p.next_event() {
+            Some(StreamEvent::Element(e)) => {
+                assert!(e.is("message", ns::CLIENT));
+                assert!(e.get_child("body", ns::CLIENT).is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        match p.next_event() {
+            Some(StreamEvent::Element(e)) => {
+                assert!(e.is("result", ns::DIALBACK));
+                assert_eq!(e.text(), "abc");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

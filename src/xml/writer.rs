@@ -78,10 +78,18 @@ fn write_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
     if el_ns == ns::STREAM {
         return write_stream_element(out, el, parent_default);
     }
+    // Server dialback elements on a server stream use the `db:` prefix the
+    // stream header declares (XEP-0220 section 2: some implementations
+    // accept nothing else); their children stay in the stream's namespace.
+    let dialback = el_ns == ns::DIALBACK && parent_default == ns::SERVER;
     out.push(b'<');
+    if dialback {
+        out.extend_from_slice(b"db:");
+    }
     out.extend_from_slice(el.name().as_bytes());
-    let inherit =
-        el_ns == parent_default || (is_content_ns(&el_ns) && is_content_ns(parent_default));
+    let inherit = dialback
+        || el_ns == parent_default
+        || (is_content_ns(&el_ns) && is_content_ns(parent_default));
     if !inherit {
         out.extend_from_slice(b" xmlns='");
         escape_attr(out, &el_ns);
@@ -124,6 +132,9 @@ fn write_element(out: &mut Vec<u8>, el: &Element, parent_default: &str) {
         }
     }
     out.extend_from_slice(b"</");
+    if dialback {
+        out.extend_from_slice(b"db:");
+    }
     out.extend_from_slice(el.name().as_bytes());
     out.push(b'>');
 }
@@ -254,6 +265,51 @@ mod tests {
             standalone
                 .starts_with("<stream:features xmlns:stream='http://etherx.jabber.org/streams'>")
         );
+    }
+
+    #[test]
+    fn client_stanzas_go_into_server_streams_and_dialback_gets_its_prefix() {
+        let el: Element = "<message xmlns='jabber:client' to='a@b'><body>x</body></message>"
+            .parse()
+            .unwrap();
+        let mut out = Vec::new();
+        serialize_into(&mut out, &el, ns::SERVER);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<message to='a@b'><body>x</body></message>"
+        );
+        let db = Element::builder("result", ns::DIALBACK)
+            .attr(crate::stanza::name("type"), "error")
+            .append(
+                Element::builder("error", ns::CLIENT)
+                    .attr(crate::stanza::name("type"), "cancel")
+                    .append(Element::builder("item-not-found", ns::STANZA_ERRORS).build())
+                    .build(),
+            )
+            .build();
+        let mut out = Vec::new();
+        serialize_into(&mut out, &db, ns::SERVER);
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(
+            s,
+            "<db:result type='error'><error type='cancel'><item-not-found \
+             xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></db:result>"
+        );
+        // Read back by a server stream that declares the prefix.
+        let mut p = StreamParser::new(1 << 20).server_stanzas_as_client();
+        p.feed(
+            b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' \
+            xmlns:stream='http://etherx.jabber.org/streams'>",
+        )
+        .unwrap();
+        p.feed(&out).unwrap();
+        let _ = p.next_event();
+        match p.next_event() {
+            Some(StreamEvent::Element(e)) => assert_eq!(e, db),
+            other => panic!("{other:?}"),
+        }
+        // Standalone (logs): an explicit namespace.
+        assert!(to_string(&db).starts_with("<result xmlns='jabber:server:dialback'"));
     }
 
     #[test]

@@ -15,6 +15,8 @@ use starling::config::Config;
 use starling::server::{Server, ServerHandle};
 use starling::storage::{AccountStore, Store, testing};
 
+pub mod dns;
+
 pub const DOMAIN: &str = "localhost";
 
 pub fn init_tracing() {
@@ -66,6 +68,11 @@ impl TestServer {
         &self.handle.as_ref().expect("running").server
     }
 
+    /// The first domain the server serves.
+    pub fn domain(&self) -> &str {
+        &self.config.server.domains[0]
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.handle.as_ref().expect("running").c2s_starttls[0]
     }
@@ -74,13 +81,13 @@ impl TestServer {
         self.handle.as_ref().expect("running").c2s_direct_tls[0]
     }
 
-    /// Create `user@localhost` with password `pw-<user>`.
+    /// Create `user@<domain>` with password `pw-<user>`.
     pub async fn add_user(&self, user: &str) {
         let creds = StoredCredentials::from_password(&password(user), 4096).unwrap();
         assert!(
             self.server()
                 .store
-                .create_account(DOMAIN, user, &creds)
+                .create_account(self.domain(), user, &creds)
                 .await
                 .unwrap(),
             "user {user} exists already"
@@ -88,7 +95,7 @@ impl TestServer {
     }
 
     pub fn login_options(&self, user: &str, resource: &str) -> LoginOptions {
-        let mut o = LoginOptions::new(self.addr(), DOMAIN, user, &password(user));
+        let mut o = LoginOptions::new(self.addr(), self.domain(), user, &password(user));
         o.resource = Some(resource.to_owned());
         o
     }
@@ -125,7 +132,7 @@ impl TestServer {
 
     /// A raw connection: STARTTLS done, not authenticated.
     pub async fn connect(&self) -> XmppClient {
-        XmppClient::connect(self.addr(), DOMAIN, TlsMode::StartTls)
+        XmppClient::connect(self.addr(), self.domain(), TlsMode::StartTls)
             .await
             .expect("connect")
     }
