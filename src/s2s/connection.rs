@@ -292,6 +292,7 @@ impl InTask {
                     }
                     None => {
                         tracing::warn!(peer = %self.peer, %remote, "s2s: too many incoming streams from this domain");
+                        queue.clear();
                         queue.extend(self.machine.fail(
                             "policy-violation",
                             Some("too many streams from your domain"),
@@ -302,6 +303,7 @@ impl InTask {
                     self.received += 1;
                     if !self.stanzas.take(1).is_zero() {
                         tracing::warn!(peer = %self.peer, remote = ?self.machine.claimed(), "s2s: stanza flood; cutting the stream off");
+                        queue.clear();
                         queue.extend(
                             self.machine
                                 .fail("policy-violation", Some("too many stanzas; slow down")),
@@ -361,6 +363,8 @@ struct OutTask {
     try_external: bool,
     /// Diagnostics mode: stop once established, and write a report.
     report: Option<Vec<String>>,
+    /// The current connection is direct TLS.
+    direct_tls: bool,
 }
 
 pub(crate) async fn run_outgoing(
@@ -386,6 +390,7 @@ pub(crate) async fn run_outgoing(
         waiters: HashMap::new(),
         try_external,
         report: None,
+        direct_tls: false,
     };
     t.run().await;
 }
@@ -515,6 +520,7 @@ impl OutTask {
                 let addr = SocketAddr::new(ip, target.port);
                 match self.connect_one(target, addr).await {
                     Ok(c) => {
+                        self.direct_tls = target.direct_tls;
                         self.note(format!(
                             "connected to {addr} ({})",
                             if target.direct_tls {
@@ -668,6 +674,7 @@ impl OutTask {
                         tracing::info!(local = %self.local, remote = %self.remote, unacked, "s2s: shutdown with stanzas not yet acknowledged by the remote server");
                     }
                     self.fail_waiters(&mut m);
+                    self.s2s.set_established(&self.local, &self.remote, None);
                     return End::Shutdown;
                 }
                 r = conn.read() => match r {
@@ -718,6 +725,9 @@ impl OutTask {
                                 Err(_) => break,
                             }
                         }
+                        if self.rx.is_empty() {
+                            outs.extend(m.handle(outgoing::Input::Drained));
+                        }
                     }
                     None => self.rx_open = false,
                 },
@@ -731,6 +741,7 @@ impl OutTask {
                         conn.send_stream_error("connection-timeout", None, None);
                     } else if now >= last_activity + secs(cfg.idle_timeout_secs) && m.unacked() == 0 {
                         tracing::debug!(local = %self.local, remote = %self.remote, "s2s: idle outgoing stream closed");
+                        self.s2s.set_established(&self.local, &self.remote, None);
                         conn.send_close();
                         let _ = conn.flush().await;
                         conn.shutdown().await;
@@ -779,6 +790,7 @@ impl OutTask {
     /// Wrap up a stream: keep its unacknowledged stanzas for a retry,
     /// answer pending verifications, close the socket.
     async fn ended(&mut self, conn: &mut XmlConn, m: &mut OutMachine, end: End) -> End {
+        self.s2s.set_established(&self.local, &self.remote, None);
         let mut unacked = m.take_unacked();
         unacked.extend(self.carry.drain(..));
         self.carry = unacked.into();
@@ -869,6 +881,16 @@ impl OutTask {
                 }
                 O::Established { method } => {
                     self.s2s.mark_reachable(&self.remote);
+                    self.s2s.set_established(
+                        &self.local,
+                        &self.remote,
+                        Some(super::StreamInfo {
+                            method,
+                            direct_tls: self.direct_tls,
+                            sm: m.sm_enabled(),
+                            peer: conn.peer(),
+                        }),
+                    );
                     tracing::info!(local = %self.local, remote = %self.remote, method, peer = %conn.peer(), tls = conn.is_tls(), "s2s: outgoing stream established");
                 }
                 O::VerifyResult { id, outcome } => {
@@ -1064,6 +1086,7 @@ pub(crate) async fn diagnose(
         waiters: HashMap::new(),
         try_external: true,
         report: Some(Vec::new()),
+        direct_tls: false,
     };
     for _ in 0..2 {
         let conn = t.connect().await;

@@ -139,6 +139,8 @@ pub struct InMachine {
     authenticated: HashSet<String>,
     pending: HashSet<(String, String)>,
     sm: Option<u32>,
+    /// SASL succeeded for this domain; it counts once the stream restarts.
+    sasl_identity: Option<String>,
 }
 
 fn features() -> minidom::ElementBuilder {
@@ -179,6 +181,7 @@ impl InMachine {
             authenticated: HashSet::new(),
             pending: HashSet::new(),
             sm: None,
+            sasl_identity: None,
         }
     }
 
@@ -218,6 +221,7 @@ impl InMachine {
                     self.secure = true;
                     self.peer = peer;
                     self.state = State::AwaitHeader;
+                    self.header_sent = false;
                 }
             }
             Input::DialbackChecked {
@@ -337,6 +341,18 @@ impl InMachine {
             return;
         }
         self.state = State::Open;
+        if let Some(identity) = self.sasl_identity.take()
+            && self.authenticated.insert(identity.clone())
+        {
+            // Authenticated once the stream restarted after SASL.
+            out.push(Output::Authenticated {
+                remote: identity,
+                method: "EXTERNAL",
+            });
+            if self.state == State::Closed {
+                return;
+            }
+        }
         out.push(Output::Send(self.features()));
     }
 
@@ -503,12 +519,9 @@ impl InMachine {
         self.sasl_done = true;
         self.claimed = Some(identity.clone());
         self.state = State::AwaitHeader;
-        if self.authenticated.insert(identity.clone()) {
-            out.push(Output::Authenticated {
-                remote: identity,
-                method: "EXTERNAL",
-            });
-        }
+        // The restarted stream needs our header before anything else.
+        self.header_sent = false;
+        self.sasl_identity = Some(identity);
     }
 
     /// XEP-0220 step 1 received: we are the receiving server.
@@ -749,4 +762,396 @@ pub fn header_bytes(
     }
     out.push(b'>');
     out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::s2s::pkix::CertNames;
+    use crate::xml::StreamParser;
+
+    pub struct Hosts;
+    impl Policy for Hosts {
+        fn is_local_host(&self, d: &str) -> bool {
+            d == "b.test" || d == "muc.b.test"
+        }
+        fn allows_remote(&self, d: &str) -> bool {
+            d != "evil.test" && !self.is_local_host(d)
+        }
+    }
+
+    pub fn settings() -> InSettings {
+        InSettings {
+            policy: Arc::new(Hosts),
+            secret: Arc::new(b"secret-b".to_vec()),
+            require_tls: true,
+            secure_auth: false,
+            dialback: true,
+            starttls_available: true,
+            stream_management: true,
+            max_pending_dialback: 4,
+        }
+    }
+
+    /// A certificate judged trusted and valid for these names.
+    pub fn trusted(names: &[&str]) -> PeerCert {
+        PeerCert {
+            chain_error: None,
+            names: CertNames {
+                dns: names.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn untrusted() -> PeerCert {
+        PeerCert {
+            chain_error: Some("certificate not trusted: UnknownIssuer".into()),
+            names: CertNames::default(),
+        }
+    }
+
+    /// Parse stream data into events: a stream header with elements, or
+    /// elements alone (read as inside a server stream declaring `db:`).
+    pub fn events(xml: &str) -> Vec<StreamEvent> {
+        let mut p = StreamParser::new(1 << 16).server_stanzas_as_client();
+        let inner = !xml.starts_with("<stream:stream");
+        if inner {
+            p.feed(HDR.as_bytes()).unwrap();
+            let _ = p.next_event();
+        }
+        p.feed(xml.as_bytes()).unwrap();
+        let mut v = Vec::new();
+        while let Some(e) = p.next_event() {
+            v.push(e);
+        }
+        v
+    }
+
+    pub const HDR: &str = "<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' \
+        xmlns:stream='http://etherx.jabber.org/streams' from='a.test' to='b.test' version='1.0'>";
+
+    fn feed(m: &mut InMachine, xml: &str) -> Vec<Output> {
+        let mut out = Vec::new();
+        for e in events(xml) {
+            out.extend(m.handle(Input::Stream(e)));
+        }
+        out
+    }
+
+    fn sent(out: &[Output]) -> Vec<&Element> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn error_of(out: &[Output]) -> Option<&'static str> {
+        out.iter().find_map(|o| match o {
+            Output::StreamError { condition, .. } => Some(*condition),
+            _ => None,
+        })
+    }
+
+    /// A machine past STARTTLS with the given peer certificate.
+    fn after_tls(s: InSettings, cert: PeerCert) -> (InMachine, Vec<Output>) {
+        let mut m = InMachine::new(s, false, PeerCert::none());
+        let out = feed(
+            &mut m,
+            &format!("{HDR}<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"),
+        );
+        assert!(out.contains(&Output::StartTls), "{out:?}");
+        let f = sent(&out)[0].clone();
+        assert!(
+            f.get_child("starttls", ns::TLS)
+                .unwrap()
+                .get_child("required", ns::TLS)
+                .is_some()
+        );
+        assert!(f.get_child("dialback", ns::DIALBACK_FEATURE).is_none());
+        assert!(m.handle(Input::TlsEstablished(cert)).is_empty());
+        let out = feed(&mut m, HDR);
+        (m, out)
+    }
+
+    #[test]
+    fn header_checks() {
+        let mut m = InMachine::new(settings(), false, PeerCert::none());
+        let out = feed(&mut m, &HDR.replace("to='b.test'", "to='other.test'"));
+        assert_eq!(error_of(&out), Some("host-unknown"));
+        let mut m = InMachine::new(settings(), false, PeerCert::none());
+        let out = feed(&mut m, &HDR.replace("jabber:server'", "jabber:client'"));
+        assert_eq!(error_of(&out), Some("invalid-namespace"));
+        let mut m = InMachine::new(settings(), false, PeerCert::none());
+        let out = feed(&mut m, &HDR.replace("from='a.test'", "from='evil.test'"));
+        assert_eq!(error_of(&out), Some("policy-violation"));
+        let mut m = InMachine::new(settings(), false, PeerCert::none());
+        let out = feed(&mut m, &HDR.replace("version='1.0'", "version='2.0'"));
+        assert_eq!(error_of(&out), Some("unsupported-version"));
+        // A header always goes out first, with our domain when we serve it.
+        match &out[0] {
+            Output::SendHeader { from, version, .. } => {
+                assert_eq!(from.as_deref(), Some("b.test"));
+                assert!(version);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_is_required_before_anything_else() {
+        let mut m = InMachine::new(settings(), false, PeerCert::none());
+        let out = feed(
+            &mut m,
+            &format!("{HDR}<db:result from='a.test' to='b.test'>k</db:result>"),
+        );
+        let answers = sent(&out);
+        let e = answers.last().unwrap();
+        assert_eq!(e.attr("type"), Some("error"));
+        assert_eq!(
+            dialback::error_condition(e).as_deref(),
+            Some("policy-violation")
+        );
+        let out = feed(&mut m, "<message from='x@a.test' to='y@b.test'/>");
+        assert_eq!(error_of(&out), Some("not-authorized"));
+    }
+
+    #[test]
+    fn external_for_a_valid_certificate() {
+        let (mut m, out) = after_tls(settings(), trusted(&["a.test"]));
+        let f = sent(&out)[0];
+        let mechs = f.get_child("mechanisms", ns::SASL).unwrap();
+        assert_eq!(mechs.children().next().unwrap().text(), "EXTERNAL");
+        assert!(f.get_child("dialback", ns::DIALBACK_FEATURE).is_some());
+        assert!(f.get_child("sm", ns::SM).is_some());
+        // authzid "a.test" in base64.
+        let out = feed(
+            &mut m,
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>YS50ZXN0</auth>",
+        );
+        assert!(sent(&out)[0].is("success", ns::SASL));
+        assert!(out.contains(&Output::ResetStream));
+        assert!(!m.is_authenticated());
+        let out = feed(&mut m, HDR);
+        assert!(matches!(out[0], Output::SendHeader { .. }));
+        assert!(out.contains(&Output::Authenticated {
+            remote: "a.test".into(),
+            method: "EXTERNAL"
+        }));
+        let f = sent(&out)[0];
+        assert!(f.get_child("mechanisms", ns::SASL).is_none());
+        assert!(f.get_child("sm", ns::SM).is_some());
+        let out = feed(
+            &mut m,
+            "<message from='x@a.test/r' to='y@b.test' type='chat'><body>hi</body></message>",
+        );
+        match &out[0] {
+            Output::Stanza(s) => {
+                assert!(s.is("message", ns::CLIENT));
+                assert!(s.get_child("body", ns::CLIENT).is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn external_refused_for_another_domain_then_dialback_works() {
+        let (mut m, out) = after_tls(settings(), trusted(&["other.test"]));
+        let f = sent(&out)[0];
+        assert!(f.get_child("mechanisms", ns::SASL).is_none());
+        let out = feed(
+            &mut m,
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>",
+        );
+        let fail = sent(&out)[0];
+        assert!(fail.is("failure", ns::SASL));
+        assert!(fail.get_child("not-authorized", ns::SASL).is_some());
+        // Same stream, dialback.
+        let out = feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>KEY</db:result>",
+        );
+        let id = m.stream_id().to_owned();
+        assert_eq!(
+            out,
+            vec![Output::VerifyDialback {
+                local: "b.test".into(),
+                remote: "a.test".into(),
+                stream_id: id,
+                key: "KEY".into()
+            }]
+        );
+        // Stanzas must wait for the verdict.
+        let out = feed(&mut m, "<message from='x@a.test' to='y@b.test'/>");
+        assert_eq!(error_of(&out), Some("not-authorized"));
+    }
+
+    fn dialback_authenticated() -> InMachine {
+        let (mut m, _) = after_tls(settings(), untrusted());
+        feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>KEY</db:result>",
+        );
+        let out = m.handle(Input::DialbackChecked {
+            local: "b.test".into(),
+            remote: "a.test".into(),
+            outcome: DialbackOutcome::Valid,
+        });
+        let ok = sent(&out)[0];
+        assert!(ok.is("result", ns::DIALBACK));
+        assert_eq!(ok.attr("type"), Some("valid"));
+        assert_eq!(ok.attr("from"), Some("b.test"));
+        assert_eq!(ok.attr("to"), Some("a.test"));
+        assert!(out.contains(&Output::Authenticated {
+            remote: "a.test".into(),
+            method: "dialback"
+        }));
+        m
+    }
+
+    #[test]
+    fn stanza_addressing_rules() {
+        let mut m = dialback_authenticated();
+        let out = feed(&mut m, "<message from='x@a.test' to='y@muc.b.test'/>");
+        assert!(matches!(out[0], Output::Stanza(_)));
+        let out = feed(&mut m, "<message from='x@a.test' to='y@b@test'/>");
+        assert!(matches!(&out[0], Output::Bounce(_, e) if e.condition == "jid-malformed"));
+        let mut m2 = dialback_authenticated();
+        let out = feed(&mut m2, "<message to='y@b.test'/>");
+        assert_eq!(error_of(&out), Some("improper-addressing"));
+        let mut m3 = dialback_authenticated();
+        let out = feed(&mut m3, "<message from='x@c.test' to='y@b.test'/>");
+        assert_eq!(error_of(&out), Some("invalid-from"));
+        let out = feed(&mut m, "<message from='x@a.test' to='y@elsewhere.test'/>");
+        assert_eq!(error_of(&out), Some("host-unknown"));
+        assert!(m.is_closed());
+    }
+
+    #[test]
+    fn dialback_outcomes_and_errors() {
+        let (mut m, _) = after_tls(settings(), untrusted());
+        feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>KEY</db:result>",
+        );
+        let out = m.handle(Input::DialbackChecked {
+            local: "b.test".into(),
+            remote: "a.test".into(),
+            outcome: DialbackOutcome::Invalid,
+        });
+        assert_eq!(sent(&out)[0].attr("type"), Some("invalid"));
+        assert!(!m.is_authenticated());
+        feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>KEY</db:result>",
+        );
+        let out = m.handle(Input::DialbackChecked {
+            local: "b.test".into(),
+            remote: "a.test".into(),
+            outcome: DialbackOutcome::Error("remote-server-not-found"),
+        });
+        let e = sent(&out)[0];
+        assert_eq!(e.attr("type"), Some("error"));
+        assert_eq!(
+            dialback::error_condition(e).as_deref(),
+            Some("remote-server-not-found")
+        );
+        // A target domain we do not serve.
+        let out = feed(
+            &mut m,
+            "<db:result from='a.test' to='x.test'>KEY</db:result>",
+        );
+        assert_eq!(
+            dialback::error_condition(sent(&out)[0]).as_deref(),
+            Some("item-not-found")
+        );
+        // A trusted certificate valid for the sender needs no round trip.
+        let (mut m, _) = after_tls(settings(), trusted(&["a.test"]));
+        let out = feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>whatever</db:result>",
+        );
+        assert_eq!(sent(&out)[0].attr("type"), Some("valid"));
+        assert!(m.is_authenticated());
+    }
+
+    #[test]
+    fn secure_auth_refuses_dialback_only_peers() {
+        let mut s = settings();
+        s.secure_auth = true;
+        let (mut m, out) = after_tls(s, untrusted());
+        assert!(
+            sent(&out)[0]
+                .get_child("dialback", ns::DIALBACK_FEATURE)
+                .is_none()
+        );
+        let out = feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test'>KEY</db:result>",
+        );
+        assert_eq!(
+            dialback::error_condition(sent(&out)[0]).as_deref(),
+            Some("not-authorized")
+        );
+        assert!(!m.is_authenticated());
+    }
+
+    #[test]
+    fn authoritative_answers_verification_requests() {
+        let (mut m, _) = after_tls(settings(), untrusted());
+        let key = dialback::key(b"secret-b", "c.test", "b.test", "S1");
+        let out = feed(
+            &mut m,
+            &format!("<db:verify from='c.test' to='b.test' id='S1'>{key}</db:verify>"),
+        );
+        let v = sent(&out)[0];
+        assert_eq!(
+            (v.attr("type"), v.attr("from"), v.attr("to"), v.attr("id")),
+            (Some("valid"), Some("b.test"), Some("c.test"), Some("S1"))
+        );
+        let out = feed(
+            &mut m,
+            &format!("<db:verify from='c.test' to='b.test' id='S2'>{key}</db:verify>"),
+        );
+        assert_eq!(sent(&out)[0].attr("type"), Some("invalid"));
+        let out = feed(
+            &mut m,
+            "<db:verify from='c.test' to='z.test' id='S3'>k</db:verify>",
+        );
+        assert_eq!(
+            dialback::error_condition(sent(&out)[0]).as_deref(),
+            Some("item-not-found")
+        );
+        // Verification does not authenticate the stream.
+        assert!(!m.is_authenticated());
+    }
+
+    #[test]
+    fn stream_management_counts_handled_stanzas() {
+        let (mut m, _) = after_tls(settings(), untrusted());
+        let out = feed(&mut m, "<enable xmlns='urn:xmpp:sm:3'/>");
+        assert!(sent(&out)[0].is("failed", ns::SM));
+        let mut m = dialback_authenticated();
+        let out = feed(&mut m, "<enable xmlns='urn:xmpp:sm:3'/>");
+        assert!(sent(&out)[0].is("enabled", ns::SM));
+        feed(
+            &mut m,
+            "<message from='x@a.test' to='y@b.test'/><presence from='x@a.test' to='y@b.test'/>",
+        );
+        let out = feed(&mut m, "<r xmlns='urn:xmpp:sm:3'/>");
+        assert_eq!(sent(&out)[0].attr("h"), Some("2"));
+    }
+
+    #[test]
+    fn unsolicited_dialback_answers_are_ignored() {
+        let (mut m, _) = after_tls(settings(), untrusted());
+        let out = feed(
+            &mut m,
+            "<db:result from='a.test' to='b.test' type='valid'/>",
+        );
+        assert!(out.is_empty());
+        assert!(!m.is_authenticated());
+    }
 }

@@ -56,6 +56,18 @@ struct Route {
     control: mpsc::Sender<Control>,
 }
 
+/// What an established outgoing stream negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// "EXTERNAL" or "dialback".
+    pub method: &'static str,
+    /// Connected with direct TLS (XEP-0368) rather than STARTTLS.
+    pub direct_tls: bool,
+    /// Stream management (XEP-0198) is on.
+    pub sm: bool,
+    pub peer: std::net::SocketAddr,
+}
+
 /// A remote domain that could not be reached, remembered for a while.
 #[derive(Debug, Clone)]
 pub struct Unreachable {
@@ -82,6 +94,8 @@ pub struct S2s {
     no_external: Mutex<HashMap<String, Instant>>,
     /// Authenticated incoming streams per remote domain.
     incoming: Mutex<HashMap<String, usize>>,
+    /// Established outgoing streams.
+    established: Mutex<HashMap<(String, String), StreamInfo>>,
     next_id: AtomicU64,
 }
 
@@ -139,6 +153,7 @@ impl S2s {
             unreachable: Mutex::new(HashMap::new()),
             no_external: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
+            established: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             cfg,
         }))
@@ -233,6 +248,26 @@ impl S2s {
     /// Authenticated incoming streams per remote domain (for status).
     pub fn incoming_counts(&self) -> HashMap<String, usize> {
         lock(&self.incoming).clone()
+    }
+
+    /// The established outgoing stream for (local, remote), if any.
+    pub fn outgoing_info(&self, local: &str, remote: &str) -> Option<StreamInfo> {
+        lock(&self.established)
+            .get(&(local.to_owned(), remote.to_owned()))
+            .cloned()
+    }
+
+    pub(crate) fn set_established(&self, local: &str, remote: &str, info: Option<StreamInfo>) {
+        let key = (local.to_owned(), remote.to_owned());
+        let mut m = lock(&self.established);
+        match info {
+            Some(i) => {
+                m.insert(key, i);
+            }
+            None => {
+                m.remove(&key);
+            }
+        }
     }
 
     /// Outgoing streams by (local, remote) (for status).

@@ -55,6 +55,9 @@ pub enum Input {
     Stanza(Element),
     /// Time passed (stream-management timers).
     Tick,
+    /// The queue is empty for now: ask for an acknowledgement of what was
+    /// sent, so that a connection lost later costs as little as possible.
+    Drained,
 }
 
 /// Why a stream could not be set up.
@@ -251,6 +254,15 @@ impl OutMachine {
                 self.maybe_request(&mut out);
             }
             Input::Tick => self.tick(&mut out),
+            Input::Drained => {
+                if let Some(sm) = self.sm.as_mut()
+                    && sm.request_outstanding.is_none()
+                    && sm.since_request > 0
+                {
+                    sm.requested(Instant::now());
+                    out.push(Output::Send(sm::request_element()));
+                }
+            }
         }
         out
     }
@@ -554,5 +566,494 @@ impl OutMachine {
             return;
         }
         self.maybe_request(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s2s::incoming::tests::{events, settings as in_settings, trusted, untrusted};
+    use crate::s2s::incoming::{self, InMachine, header_bytes};
+    use crate::xml::{StreamParser, serialize_into};
+
+    fn settings() -> OutSettings {
+        OutSettings {
+            local: "a.test".into(),
+            remote: "b.test".into(),
+            secret: Arc::new(b"secret-a".to_vec()),
+            require_tls: true,
+            secure_auth: false,
+            dialback: true,
+            try_external: true,
+            stream_management: true,
+            sm: SmSettings {
+                request_after_stanzas: 2,
+                ..SmSettings::default()
+            },
+        }
+    }
+
+    const PEER_HDR: &str = "<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' \
+        xmlns:stream='http://etherx.jabber.org/streams' from='b.test' to='a.test' id='S1' version='1.0'>";
+
+    fn feed(m: &mut OutMachine, xml: &str) -> Vec<Output> {
+        let mut out = Vec::new();
+        for e in events(xml) {
+            out.extend(m.handle(Input::Stream(e)));
+        }
+        out
+    }
+
+    fn sent(out: &[Output]) -> Vec<&Element> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failed(out: &[Output]) -> Option<&Failure> {
+        out.iter().find_map(|o| match o {
+            Output::Failed(f) => Some(f),
+            _ => None,
+        })
+    }
+
+    /// Past STARTTLS with this certificate for the peer; returns the
+    /// outputs for the post-TLS features.
+    fn secured(s: OutSettings, cert: PeerCert, features: &str) -> (OutMachine, Vec<Output>) {
+        let mut m = OutMachine::new(s, false, PeerCert::none());
+        assert_eq!(m.start(), vec![Output::SendHeader]);
+        let out = feed(
+            &mut m,
+            &format!(
+                "{PEER_HDR}<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>"
+            ),
+        );
+        assert!(sent(&out)[0].is("starttls", ns::TLS));
+        let out = feed(&mut m, "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+        assert_eq!(out, vec![Output::StartTls]);
+        assert_eq!(
+            m.handle(Input::TlsEstablished(cert)),
+            vec![Output::SendHeader]
+        );
+        let out = feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{features}</stream:features>"),
+        );
+        (m, out)
+    }
+
+    const DIALBACK_F: &str = "<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>";
+    const EXTERNAL_F: &str = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>EXTERNAL</mechanism></mechanisms>";
+    const SM_F: &str = "<sm xmlns='urn:xmpp:sm:3'/>";
+
+    #[test]
+    fn starttls_is_required() {
+        let mut m = OutMachine::new(settings(), false, PeerCert::none());
+        m.start();
+        let out = feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{DIALBACK_F}</stream:features>"),
+        );
+        let f = failed(&out).unwrap();
+        assert_eq!(f.condition, "remote-server-timeout");
+        assert!(f.reason.contains("STARTTLS"));
+        // Without the requirement, dialback goes ahead in the clear.
+        let mut s = settings();
+        s.require_tls = false;
+        let mut m = OutMachine::new(s, false, PeerCert::none());
+        m.start();
+        let out = feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{DIALBACK_F}</stream:features>"),
+        );
+        let r = sent(&out)[0];
+        assert!(r.is("result", ns::DIALBACK));
+        assert_eq!(
+            r.text(),
+            dialback::key(b"secret-a", "b.test", "a.test", "S1")
+        );
+    }
+
+    #[test]
+    fn external_then_restart() {
+        let (mut m, out) = secured(
+            settings(),
+            trusted(&["b.test"]),
+            &format!("{EXTERNAL_F}{DIALBACK_F}"),
+        );
+        let auth = sent(&out)[0];
+        assert_eq!(auth.attr("mechanism"), Some("EXTERNAL"));
+        assert_eq!(auth.text(), "YS50ZXN0");
+        assert_eq!(m.phase(), Phase::External);
+        let out = feed(
+            &mut m,
+            "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+        );
+        assert_eq!(out, vec![Output::ResetStream, Output::SendHeader]);
+        let out = feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{SM_F}</stream:features>"),
+        );
+        assert_eq!(out[0], Output::Established { method: "EXTERNAL" });
+        assert!(sent(&out)[0].is("enable", ns::SM));
+        assert!(m.is_established());
+    }
+
+    #[test]
+    fn external_failure_falls_back_to_dialback_on_the_same_stream() {
+        let (mut m, _) = secured(
+            settings(),
+            untrusted(),
+            &format!("{EXTERNAL_F}{DIALBACK_F}"),
+        );
+        let out = feed(
+            &mut m,
+            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>",
+        );
+        assert!(sent(&out)[0].is("result", ns::DIALBACK));
+        assert_eq!(m.phase(), Phase::Dialback);
+        let out = feed(
+            &mut m,
+            "<db:result from='b.test' to='a.test' type='valid'/>",
+        );
+        assert_eq!(out[0], Output::Established { method: "dialback" });
+    }
+
+    #[test]
+    fn a_peer_dropping_the_stream_during_external_is_visible() {
+        let (mut m, _) = secured(settings(), trusted(&["b.test"]), EXTERNAL_F);
+        assert_eq!(m.phase(), Phase::External);
+        // The driver reads the phase before the close to decide on a
+        // retry with dialback.
+        let out = m.handle(Input::Stream(StreamEvent::End));
+        assert_eq!(out, vec![Output::PeerClosed { error: None }]);
+        // On the retry EXTERNAL is not tried: dialback (declared with the
+        // xmlns:db of the header) is used.
+        let mut s = settings();
+        s.try_external = false;
+        let (m, out) = secured(s.clone(), trusted(&["b.test"]), EXTERNAL_F);
+        assert!(sent(&out)[0].is("result", ns::DIALBACK));
+        assert_eq!(m.phase(), Phase::Dialback);
+        // With dialback off too there is no method left.
+        s.dialback = false;
+        let (_, out) = secured(s, trusted(&["b.test"]), EXTERNAL_F);
+        assert!(failed(&out).is_some());
+    }
+
+    #[test]
+    fn dialback_refusals_fail() {
+        let (mut m, _) = secured(settings(), untrusted(), DIALBACK_F);
+        let out = feed(
+            &mut m,
+            "<db:result from='b.test' to='a.test' type='invalid'/>",
+        );
+        assert_eq!(failed(&out).unwrap().condition, "remote-server-timeout");
+        let (mut m, _) = secured(settings(), untrusted(), DIALBACK_F);
+        // A result for another pair is not ours.
+        let out = feed(
+            &mut m,
+            "<db:result from='c.test' to='a.test' type='valid'/>",
+        );
+        assert!(out.is_empty());
+        let out = feed(
+            &mut m,
+            "<db:result from='b.test' to='a.test' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></db:result>",
+        );
+        assert!(failed(&out).unwrap().reason.contains("item-not-found"));
+    }
+
+    #[test]
+    fn secure_auth_needs_a_valid_certificate() {
+        let mut s = settings();
+        s.secure_auth = true;
+        let (_, out) = secured(s.clone(), untrusted(), DIALBACK_F);
+        assert!(failed(&out).unwrap().reason.contains("secure_auth"));
+        let (_, out) = secured(s, trusted(&["b.test"]), DIALBACK_F);
+        assert!(sent(&out)[0].is("result", ns::DIALBACK));
+    }
+
+    #[test]
+    fn verification_requests_wait_for_the_stream_and_answers_are_matched() {
+        let mut m = OutMachine::new(settings(), false, PeerCert::none());
+        m.start();
+        assert!(
+            m.handle(Input::Verify {
+                id: "X1".into(),
+                key: "k".into()
+            })
+            .is_empty()
+        );
+        feed(
+            &mut m,
+            &format!(
+                "{PEER_HDR}<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:features>"
+            ),
+        );
+        feed(&mut m, "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+        m.handle(Input::TlsEstablished(untrusted()));
+        let out = feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{DIALBACK_F}</stream:features>"),
+        );
+        let s = sent(&out);
+        assert!(s[0].is("result", ns::DIALBACK));
+        assert!(s[1].is("verify", ns::DIALBACK));
+        assert_eq!(s[1].attr("id"), Some("X1"));
+        assert_eq!(s[1].attr("from"), Some("a.test"));
+        // An answer to something never asked is ignored.
+        assert!(
+            feed(
+                &mut m,
+                "<db:verify from='b.test' to='a.test' id='X9' type='valid'/>"
+            )
+            .is_empty()
+        );
+        let out = feed(
+            &mut m,
+            "<db:verify from='b.test' to='a.test' id='X1' type='valid'/>",
+        );
+        assert_eq!(
+            out,
+            vec![Output::VerifyResult {
+                id: "X1".into(),
+                outcome: DialbackOutcome::Valid
+            }]
+        );
+    }
+
+    #[test]
+    fn stream_management_keeps_unacked_stanzas() {
+        let (mut m, _) = secured(settings(), trusted(&["b.test"]), EXTERNAL_F);
+        feed(
+            &mut m,
+            "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+        );
+        feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{SM_F}</stream:features>"),
+        );
+        let msg = |n: u32| {
+            crate::stanza::build(
+                "message",
+                Some("x@a.test"),
+                Some("y@b.test"),
+                Some("chat"),
+                Some(&n.to_string()),
+            )
+            .build()
+        };
+        let out = m.handle(Input::Stanza(msg(1)));
+        assert_eq!(sent(&out).len(), 1);
+        let out = m.handle(Input::Stanza(msg(2)));
+        // The second stanza triggers an ack request.
+        assert!(sent(&out)[1].is("r", ns::SM));
+        m.handle(Input::Stanza(msg(3)));
+        assert_eq!(m.unacked(), 3);
+        feed(
+            &mut m,
+            "<enabled xmlns='urn:xmpp:sm:3'/><a xmlns='urn:xmpp:sm:3' h='2'/>",
+        );
+        assert_eq!(m.unacked(), 1);
+        let left = m.take_unacked();
+        assert_eq!(left[0].attr("id"), Some("3"));
+        // Acknowledging more than was sent is an error.
+        let (mut m, _) = secured(settings(), trusted(&["b.test"]), EXTERNAL_F);
+        feed(
+            &mut m,
+            "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+        );
+        feed(
+            &mut m,
+            &format!("{PEER_HDR}<stream:features>{SM_F}</stream:features>"),
+        );
+        let out = feed(&mut m, "<a xmlns='urn:xmpp:sm:3' h='5'/>");
+        assert!(matches!(
+            out[0],
+            Output::StreamError {
+                condition: "undefined-condition",
+                ..
+            }
+        ));
+    }
+
+    /// Bytes out of one machine, parsed as the other side would.
+    struct Wire(StreamParser);
+    impl Wire {
+        fn new() -> Wire {
+            Wire(StreamParser::new(1 << 16).server_stanzas_as_client())
+        }
+        fn pass(&mut self, bytes: &[u8]) -> Vec<StreamEvent> {
+            self.0.feed(bytes).unwrap();
+            let mut v = Vec::new();
+            while let Some(e) = self.0.next_event() {
+                v.push(e);
+            }
+            v
+        }
+    }
+
+    /// An outgoing machine and an incoming machine talk through the real
+    /// serialiser and parser until neither has anything to say.
+    fn converse(
+        out_s: OutSettings,
+        authority_secret: &[u8],
+        in_s: incoming::InSettings,
+        out_cert: PeerCert,
+        in_cert: PeerCert,
+    ) -> (OutMachine, InMachine, Vec<Element>) {
+        let mut om = OutMachine::new(out_s.clone(), false, PeerCert::none());
+        let mut im = InMachine::new(in_s, false, PeerCert::none());
+        let (mut to_in, mut to_out) = (Wire::new(), Wire::new());
+        let mut delivered = Vec::new();
+        let mut o_outs = om.start();
+        for _ in 0..50 {
+            let mut bytes = Vec::new();
+            let mut next_in = Vec::new();
+            for o in o_outs.drain(..) {
+                match o {
+                    Output::SendHeader => bytes.extend(header_bytes(
+                        Some(&out_s.local),
+                        Some(&out_s.remote),
+                        None,
+                        true,
+                    )),
+                    Output::Send(e) => serialize_into(&mut bytes, &e, ns::SERVER),
+                    Output::StartTls => to_out = Wire::new(),
+                    Output::ResetStream => to_out = Wire::new(),
+                    _ => {}
+                }
+            }
+            for ev in to_in.pass(&bytes) {
+                next_in.extend(im.handle(incoming::Input::Stream(ev)));
+            }
+            let mut back = Vec::new();
+            let mut queue: VecDeque<incoming::Output> = next_in.into();
+            while let Some(o) = queue.pop_front() {
+                match o {
+                    incoming::Output::SendHeader {
+                        id,
+                        from,
+                        to,
+                        version,
+                    } => back.extend(header_bytes(
+                        from.as_deref(),
+                        to.as_deref(),
+                        Some(&id),
+                        version,
+                    )),
+                    incoming::Output::Send(e) => serialize_into(&mut back, &e, ns::SERVER),
+                    incoming::Output::StartTls => {
+                        to_in = Wire::new();
+                        queue.extend(im.handle(incoming::Input::TlsEstablished(in_cert.clone())));
+                    }
+                    incoming::Output::ResetStream => to_in = Wire::new(),
+                    incoming::Output::VerifyDialback {
+                        local,
+                        remote,
+                        stream_id,
+                        key,
+                    } => {
+                        // The authoritative server of a.test knows its secret.
+                        let ok = dialback::key_matches(
+                            &key,
+                            &dialback::key(authority_secret, &local, &remote, &stream_id),
+                        );
+                        let outcome = if ok {
+                            DialbackOutcome::Valid
+                        } else {
+                            DialbackOutcome::Invalid
+                        };
+                        queue.extend(im.handle(incoming::Input::DialbackChecked {
+                            local,
+                            remote,
+                            outcome,
+                        }));
+                    }
+                    incoming::Output::Stanza(e) => delivered.push(e),
+                    _ => {}
+                }
+            }
+            for ev in to_out.pass(&back) {
+                o_outs.extend(om.handle(Input::Stream(ev)));
+            }
+            if o_outs.contains(&Output::StartTls) {
+                o_outs.retain(|o| *o != Output::StartTls);
+                to_out = Wire::new();
+                o_outs.extend(om.handle(Input::TlsEstablished(out_cert.clone())));
+            }
+            if o_outs.is_empty() {
+                if om.is_established() && delivered.is_empty() {
+                    let st = crate::stanza::build(
+                        "message",
+                        Some("x@a.test/r"),
+                        Some("y@b.test"),
+                        Some("chat"),
+                        None,
+                    )
+                    .append(
+                        Element::builder("body", ns::CLIENT)
+                            .append("over the wire")
+                            .build(),
+                    )
+                    .build();
+                    o_outs = om.handle(Input::Stanza(st));
+                    continue;
+                }
+                break;
+            }
+        }
+        (om, im, delivered)
+    }
+
+    #[test]
+    fn both_machines_negotiate_dialback_over_the_wire() {
+        let (om, im, delivered) = converse(
+            settings(),
+            b"secret-a",
+            in_settings(),
+            untrusted(),
+            untrusted(),
+        );
+        assert_eq!(om.method(), "dialback");
+        assert!(im.authenticated().contains("a.test"));
+        assert_eq!(delivered.len(), 1);
+        assert!(delivered[0].is("message", ns::CLIENT));
+        assert_eq!(
+            delivered[0].get_child("body", ns::CLIENT).unwrap().text(),
+            "over the wire"
+        );
+    }
+
+    #[test]
+    fn both_machines_negotiate_external_over_the_wire() {
+        let (om, im, delivered) = converse(
+            settings(),
+            b"secret-a",
+            in_settings(),
+            trusted(&["b.test"]),
+            trusted(&["a.test"]),
+        );
+        assert_eq!(om.method(), "EXTERNAL");
+        assert!(im.authenticated().contains("a.test"));
+        assert_eq!(delivered.len(), 1);
+        assert!(om.sm_enabled());
+    }
+
+    #[test]
+    fn a_key_from_another_secret_is_refused_over_the_wire() {
+        let (om, im, delivered) = converse(
+            settings(),
+            b"the real secret of a.test",
+            in_settings(),
+            untrusted(),
+            untrusted(),
+        );
+        assert!(!om.is_established());
+        assert_eq!(om.phase(), Phase::Closed);
+        assert!(!im.is_authenticated());
+        assert!(delivered.is_empty());
     }
 }
