@@ -199,6 +199,11 @@ def run_backend(run: Run, backend: str, suites: list[str], versions: dict) -> No
     finally:
         code = run.stop(server, 15)
         text = server_log.read_text(errors="replace") if server_log.exists() else ""
+        if any(r["status"] == "fail" and r["backend"] == backend for r in run.rows):
+            warn = [line for line in text.splitlines() if " WARN " in line or " ERROR " in line][-20:]
+            if warn:
+                log(f"warnings and errors in {server_log} (last {len(warn)}):")
+                print("\n".join("    " + line for line in warn), flush=True)
         if "panicked" in text:
             line = next(l for l in text.splitlines() if "panicked" in l)
             run.row("server", "never panicked", backend, "fail", line.strip()[:300])
@@ -287,6 +292,12 @@ def run_suite(run: Run, suite: str, backend: str, work: Path, env: dict) -> None
             p.wait(5)
     rows = _read_rows(results)[len(before):]
     run.rows.extend(rows)
+    if timed_out or p.returncode != 0:
+        # CI keeps only stdout: show what the suite said about its failures.
+        tail = stderr_path.read_text(errors="replace").strip().splitlines()[-25:]
+        if tail:
+            log(f"last lines of {stderr_path.name}:")
+            print("\n".join("    " + line for line in tail), flush=True)
     if timed_out:
         run.row(suite, "(suite time limit)", backend, "fail",
                 f"killed after {SUITE_TIMEOUT:.0f}s; see {stderr_path}", time.monotonic() - t0)
