@@ -40,6 +40,17 @@ enum Command {
     CheckConfig,
     /// Generate self-signed certificates for the configured domains.
     GenCert,
+    /// Check federation with a remote domain step by step: DNS (SRV and
+    /// addresses), TCP connection, TLS and its certificate, authentication
+    /// (SASL EXTERNAL or dialback). Dialback needs this server running, as
+    /// the remote server connects back to it.
+    S2sCheck {
+        /// The remote domain, e.g. example.net.
+        domain: String,
+        /// The local domain to connect from (default: the first one).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -268,6 +279,33 @@ async fn archive_command(cfg: Config, action: ArchiveAction) -> Result<(), Strin
     Ok(())
 }
 
+async fn s2s_check(cfg: Config, remote: String, from: Option<String>) -> Result<(), String> {
+    let local = from.unwrap_or_else(|| cfg.server.domains[0].clone());
+    if !cfg.is_local_domain(&local) {
+        return Err(format!("{local} is not a configured domain"));
+    }
+    let server = starling::server::Server::build(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let s2s = starling::s2s::S2s::new(&server)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("federation check {local} -> {remote}");
+    let lines = s2s.check(&server, &local, &remote).await;
+    let ok = lines.last().is_some_and(|l| l.starts_with("result: OK"));
+    for l in lines {
+        println!("  {l}");
+    }
+    server.store.close().await;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "federation with {remote} does not work (see above)"
+        ))
+    }
+}
+
 async fn serve(cfg: Config) -> Result<(), String> {
     let handle = starling::server::Server::start(cfg)
         .await
@@ -354,6 +392,7 @@ fn main() -> ExitCode {
                 println!("certificates are in {}", cfg.tls.cert_dir.display());
                 Ok(())
             }
+            Command::S2sCheck { domain, from } => s2s_check(cfg, domain, from).await,
         }
     });
     match result {

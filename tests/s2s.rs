@@ -5,6 +5,7 @@
 //! (SASL EXTERNAL).
 
 mod common;
+mod muc_support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -74,6 +75,8 @@ async fn server(dns: &TestDns, domain: &str, f: impl FnOnce(&mut Config)) -> Tes
     })
     .await;
     dns.server(domain, s2s_port(&s));
+    // The group chat service federates under its own domain.
+    dns.server(&format!("conference.{domain}"), s2s_port(&s));
     s
 }
 
@@ -1095,6 +1098,153 @@ async fn the_dialback_secret_survives_restarts() {
     assert_eq!(
         a.server().s2s().unwrap().secret.as_slice(),
         b"shared by the cluster"
+    );
+    a.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Everything built so far, across servers.
+
+#[tokio::test]
+async fn offline_storage_and_archive_on_the_receiving_side() {
+    let dns = TestDns::start().await;
+    let (a, b) = pair(&dns, |_| {}).await;
+    a.add_user("alice").await;
+    b.add_user("bob").await;
+    let mut alice = a.online("alice", "phone").await;
+    // bob is offline: b.test stores the message.
+    alice
+        .send(&chat("bob@b.test", "while you were away"))
+        .await
+        .unwrap();
+    expect_silence(&mut alice, 500).await;
+    let mut bob = b.online("bob", "laptop").await;
+    let m = expect_message(&mut bob).await;
+    assert_eq!(body(&m).as_deref(), Some("while you were away"));
+    assert_eq!(m.attr("from"), Some("alice@a.test/phone"));
+    let delay = m
+        .get_child("delay", ns::DELAY)
+        .expect("offline messages carry a delay");
+    assert_eq!(delay.attr("from"), Some("b.test"));
+    // bob's archive (on b.test) has it, and alice's (on a.test) too.
+    for (c, with) in [(&mut bob, "alice@a.test"), (&mut alice, "bob@b.test")] {
+        let id = starling::stanza::new_id();
+        c.send_str(&format!(
+            "<iq type='set' id='{id}'><query xmlns='urn:xmpp:mam:2' queryid='q'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>\
+             <field var='with'><value>{with}</value></field></x></query></iq>"
+        ))
+        .await
+        .unwrap();
+        let r = expect(c, "an archived message", |e| {
+            e.name() == "message" && e.has_child("result", ns::MAM)
+        })
+        .await;
+        let fwd = r
+            .get_child("result", ns::MAM)
+            .unwrap()
+            .get_child("forwarded", ns::FORWARD)
+            .unwrap();
+        let inner = fwd.get_child("message", ns::CLIENT).unwrap();
+        assert_eq!(body(inner).as_deref(), Some("while you were away"));
+        let fin = expect(c, "the end of the query", |e| {
+            e.attr("id") == Some(id.as_str())
+        })
+        .await;
+        assert_eq!(fin.attr("type"), Some("result"));
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn vcards_are_served_across() {
+    let dns = TestDns::start().await;
+    let (a, b) = pair(&dns, |_| {}).await;
+    let (mut alice, mut bob) = alice_and_bob(&a, &b).await;
+    let r = bob
+        .iq(parse("<iq xmlns='jabber:client' type='set'><vCard xmlns='vcard-temp'><FN>Bob B.</FN></vCard></iq>"))
+        .await
+        .unwrap();
+    assert_eq!(r.attr("type"), Some("result"));
+    let r = alice
+        .iq(parse(
+            "<iq xmlns='jabber:client' type='get' to='bob@b.test'><vCard xmlns='vcard-temp'/></iq>",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.attr("type"), Some("result"));
+    assert_eq!(r.attr("from"), Some("bob@b.test"));
+    let v = r.get_child("vCard", ns::VCARD).unwrap();
+    assert_eq!(v.get_child("FN", ns::VCARD).unwrap().text(), "Bob B.");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_of_both_servers_share_rooms() {
+    use muc_support::*;
+    let dns = TestDns::start().await;
+    let (a, b) = pair(&dns, |_| {}).await;
+    let (mut alice, mut bob) = alice_and_bob(&a, &b).await;
+    // bob creates a room on b.test; alice joins it from a.test.
+    let room_b = "lounge@conference.b.test";
+    create_instant(&mut bob, room_b, "bob").await;
+    let p = join(&mut alice, room_b, "alice").await;
+    assert_eq!(p.attr("from"), Some("lounge@conference.b.test/alice"));
+    presence_from(&mut bob, "lounge@conference.b.test/alice").await;
+    bob.send(&groupchat(room_b, "welcome, alice"))
+        .await
+        .unwrap();
+    let m = expect_groupchat(&mut alice, "welcome, alice").await;
+    assert_eq!(m.attr("from"), Some("lounge@conference.b.test/bob"));
+    alice.send(&groupchat(room_b, "thanks")).await.unwrap();
+    expect_groupchat(&mut bob, "thanks").await;
+    expect_groupchat(&mut alice, "thanks").await;
+    // And the other way: alice's room on a.test, bob joins.
+    let room_a = "kitchen@conference.a.test";
+    create_instant(&mut alice, room_a, "alice").await;
+    join(&mut bob, room_a, "bob").await;
+    bob.send(&groupchat(room_a, "hello kitchen")).await.unwrap();
+    expect_groupchat(&mut alice, "hello kitchen").await;
+    // A private message through the room.
+    alice
+        .send(&parse("<message xmlns='jabber:client' to='kitchen@conference.a.test/bob' type='chat'><body>psst</body></message>"))
+        .await
+        .unwrap();
+    let pm = expect(&mut bob, "a private message", |e| {
+        e.attr("type") == Some("chat")
+    })
+    .await;
+    assert_eq!(pm.attr("from"), Some("kitchen@conference.a.test/alice"));
+    // The room services use their own streams.
+    let sb = b.server().s2s().unwrap();
+    assert!(sb.outgoing_info("conference.b.test", "a.test").is_some());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_federation_check_says_what_works_and_what_does_not() {
+    let dns = TestDns::start().await;
+    let (a, _b) = pair(&dns, |_| {}).await;
+    let sa = a.server().s2s().unwrap();
+    let lines = sa.check(a.server(), "a.test", "b.test").await;
+    let text = lines.join("\n");
+    assert!(text.contains("DNS: xmpp.b.test:"), "{text}");
+    assert!(text.contains("connected to 127.0.0.1:"), "{text}");
+    assert!(
+        text.contains("TLS: established; certificate not trusted"),
+        "{text}"
+    );
+    assert!(text.contains("authenticated with dialback"), "{text}");
+    assert_eq!(lines.last().unwrap(), "result: OK (dialback)");
+    let lines = sa.check(a.server(), "a.test", "nowhere.test").await;
+    let text = lines.join("\n");
+    assert!(text.contains("DNS: nowhere.test does not exist"), "{text}");
+    assert!(
+        lines.last().unwrap().starts_with("result: FAILED"),
+        "{text}"
     );
     a.shutdown().await;
 }
