@@ -129,8 +129,11 @@ async fn create_join_talk_and_leave() {
         assert_eq!(join_error(&mut bob, &r, "Bob", "").await, "item-not-found");
         configure(&mut alice, &r, &[]).await;
 
-        // Bob enters: first Alice's presence, then his own (7.2.3).
-        send_join(&mut bob, &r, "Bob", "").await;
+        // Bob enters: first Alice's presence, then his own (7.2.3), which
+        // reflects the id of his join.
+        bob.send_str(&format!("<presence id='join-1' to='{r}/Bob'><x xmlns='{MUC_NS}'/></presence>"))
+            .await
+            .unwrap();
         let first = expect(&mut bob, "presence", |e| e.name() == "presence").await;
         assert_eq!(first.attr("from"), Some(format!("{r}/Alice").as_str()));
         assert_eq!(aff_role(&first), ("owner".into(), "moderator".into()));
@@ -138,6 +141,7 @@ async fn create_join_talk_and_leave() {
         let own = expect(&mut bob, "presence", |e| e.name() == "presence").await;
         assert_eq!(own.attr("from"), Some(format!("{r}/Bob").as_str()));
         assert_eq!(codes(&own), vec![110, 170]);
+        assert_eq!(own.attr("id"), Some("join-1"));
         assert_eq!(aff_role(&own), ("none".into(), "participant".into()));
         // Then the (empty) subject.
         let s = subject(&mut bob, &r).await;

@@ -100,6 +100,8 @@ pub(crate) struct Extra {
     pub destroy: Option<Element>,
     /// The client's own `<status/>` of an unavailable presence.
     pub status: Vec<Element>,
+    /// The `id` of the client's presence, reflected on its self-presence.
+    pub self_id: Option<String>,
 }
 
 /// A snapshot of an occupant for building presence about it.
@@ -479,15 +481,10 @@ impl Room {
         false
     }
 
-    /// The actor stops: forget the listing of a room that is no longer live.
+    /// The actor stops: a live listing goes (persistent rooms stay listed
+    /// from the store), and so does its count against the creator's limit.
     fn stopping(&mut self) {
-        if self.destroyed || !self.persisted {
-            self.core.set_listing(&self.node, None);
-        }
-        if self.persisted && !self.destroyed {
-            // A persistent room stays listed from the store.
-            self.core.set_listing(&self.node, None);
-        }
+        self.core.set_listing(&self.node, None);
         if let Some(o) = self.temp_owner.take() {
             self.core.add_temp_owned(&o, -1);
         }
@@ -691,13 +688,11 @@ impl Room {
         sc.extend_from_slice(codes);
         sc.sort_unstable();
         sc.dedup();
-        let self_st = Arc::new(SharedStanza::new(self.presence_el(
-            v,
-            unavailable,
-            true,
-            &sc,
-            extra,
-        )));
+        let mut self_el = self.presence_el(v, unavailable, true, &sc, extra);
+        if let Some(id) = &extra.self_id {
+            stanza::set_attr(&mut self_el, "id", id.as_str());
+        }
+        let self_st = Arc::new(SharedStanza::new(self_el));
         let broadcast = to_others && self.config.broadcasts(v.role);
         let non_anon = self.config.non_anonymous;
         let mut public: Option<Arc<SharedStanza>> = None;
@@ -949,7 +944,7 @@ impl Room {
                     // A join from a joined session: it lost track; send
                     // everything again (XEP-0045 section 7.2.1).
                     self.update_session_presence(&nick, &from, &p);
-                    self.send_join_state(&nick, &from, &[], Some(x));
+                    self.send_join_state(&nick, &from, &[], Some(x), p.attr("id"));
                 } else {
                     self.update_session_presence(&nick, &from, &p);
                 }
@@ -1128,7 +1123,7 @@ impl Room {
             if before != after {
                 self.announce(&v, false, &[], &[], &Extra::default(), &[], true);
             }
-            self.send_join_state(&nick, &from, &self_codes, muc_x.as_ref());
+            self.send_join_state(&nick, &from, &self_codes, muc_x.as_ref(), p.attr("id"));
             return;
         }
         let role = default_role(aff, self.config.moderated);
@@ -1146,18 +1141,21 @@ impl Room {
         // Others see the newcomer; the newcomer first gets the room roster.
         self.send_roster(&nick, &from);
         let v = self.view(&self.occupants[&nick]);
-        self.announce_join(&v, &from, &self_codes);
+        self.announce_join(&v, p.attr("id"), &self_codes);
         self.send_history_and_subject(&from, muc_x.as_ref());
         tracing::debug!(room = %self.jid, %nick, jid = %from, "occupant joined");
     }
 
     /// The new occupant's presence to everyone; its own sessions other than
     /// `joiner` get the plain self-presence, the joiner the one with codes.
-    fn announce_join(&mut self, v: &OccView, joiner: &FullJid, self_codes: &[u16]) {
-        // Others (and, via `announce`, the occupant's sessions; it has only
-        // the joiner here).
-        let _ = joiner;
-        self.announce(v, false, &[], self_codes, &Extra::default(), &[], true);
+    fn announce_join(&mut self, v: &OccView, id: Option<&str>, self_codes: &[u16]) {
+        // Others, and the occupant's only session: the joiner (with the id
+        // of its join presence).
+        let extra = Extra {
+            self_id: id.map(str::to_owned),
+            ..Default::default()
+        };
+        self.announce(v, false, &[], self_codes, &extra, &[], true);
     }
 
     /// Room roster, self-presence, history and subject for one session
@@ -1168,6 +1166,7 @@ impl Room {
         to: &FullJid,
         self_codes: &[u16],
         x: Option<&Element>,
+        id: Option<&str>,
     ) {
         self.send_roster(nick, to);
         let Some(occ) = self.occupants.get(nick) else {
@@ -1176,9 +1175,11 @@ impl Room {
         let v = self.view(occ);
         let mut codes = vec![status::SELF];
         codes.extend_from_slice(self_codes);
-        let el = self.presence_el(&v, false, true, &codes, &Extra::default());
-        let mut el = el;
+        let mut el = self.presence_el(&v, false, true, &codes, &Extra::default());
         stanza::set_attr(&mut el, "to", to.to_string());
+        if let Some(id) = id {
+            stanza::set_attr(&mut el, "id", id);
+        }
         let local = self.session_of(to);
         self.send_to_session(&to.to_string(), &local, el);
         self.send_history_and_subject(to, x);
