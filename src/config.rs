@@ -391,10 +391,6 @@ pub struct MucConfig {
     pub max_description_chars: usize,
     /// Entries in a room's affiliation lists (owners, admins, members, outcasts).
     pub max_affiliations: usize,
-    /// Archived messages per room kept; older ones are deleted (0: keep all).
-    pub archive_max_messages: u64,
-    /// Results per page of a room archive query (RSM `max` is capped to it).
-    pub archive_page_limit: usize,
     /// Rooms returned by one disco#items query on the service.
     pub max_listed_rooms: usize,
 }
@@ -427,8 +423,6 @@ impl Default for MucConfig {
             max_subject_chars: 1024,
             max_description_chars: 1024,
             max_affiliations: 10_000,
-            archive_max_messages: 0,
-            archive_page_limit: 100,
             max_listed_rooms: 500,
         }
     }
@@ -617,8 +611,8 @@ impl MucConfig {
         {
             return bad("rates must be positive and bursts at least 1");
         }
-        if self.max_nick_chars == 0 || self.archive_page_limit == 0 || self.max_listed_rooms == 0 {
-            return bad("max_nick_chars, archive_page_limit and max_listed_rooms must be positive");
+        if self.max_nick_chars == 0 || self.max_listed_rooms == 0 {
+            return bad("max_nick_chars and max_listed_rooms must be positive");
         }
         Ok(())
     }

@@ -213,11 +213,13 @@ async fn room_archive_queries() {
             res.iter().map(result_body).collect::<Vec<_>>(),
             vec!["msg 5"]
         );
-        // Filtering by real JID reveals JIDs: not for participants of a semi-anonymous room.
-        let (_, iq) = query(&mut carol, &r, &form(&[("with", "bob@localhost")])).await;
-        assert_eq!(err_cond(&iq), "forbidden");
-        let (res, _) = query(&mut alice, &r, &form(&[("with", "bob@localhost")])).await;
-        assert_eq!(res.len(), 2);
+        // 'with' matches occupant JIDs (the publisher), never real JIDs: a
+        // real JID reveals nothing.
+        let (res, iq) = query(&mut carol, &r, &form(&[("with", "bob@localhost")])).await;
+        assert_eq!(iq.attr("type"), Some("result"));
+        assert!(res.is_empty());
+        let (res, _) = query(&mut carol, &r, &form(&[("with", &r)])).await;
+        assert_eq!(res.len(), 5);
         // Unknown ids: item-not-found; unknown fields: feature-not-implemented.
         let (_, iq) = query(
             &mut carol,
@@ -333,6 +335,41 @@ async fn subject_changes_are_archived_but_not_history() {
             s.get_child("subject", "jabber:client").unwrap().text(),
             "new topic"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn destroyed_and_vanished_rooms_lose_their_archive() {
+    for_each_backend(|srv| async move {
+        srv.add_user("alice").await;
+        let mut alice = srv.online("alice", "a").await;
+        let r = room("gone");
+        // A temporary room: its archive goes with its last occupant.
+        create_instant(&mut alice, &r, "alice").await;
+        alice.send(&groupchat(&r, "temporary words")).await.unwrap();
+        expect_groupchat(&mut alice, "temporary words").await;
+        let (res, _) = query(&mut alice, &r, "").await;
+        assert_eq!(res.len(), 1);
+        alice.send_str(&format!("<presence to='{r}/alice' type='unavailable'/>")).await.unwrap();
+        unavailable_from(&mut alice, &format!("{r}/alice")).await;
+        // A new room of the same name starts empty.
+        create_with(&mut alice, &r, "alice", &[("muc#roomconfig_persistentroom", &["1"])]).await;
+        let (res, iq) = query(&mut alice, &r, "").await;
+        assert!(res.is_empty(), "old archive gone");
+        assert_eq!(fin(&iq).attr("complete"), Some("true"));
+        alice.send(&groupchat(&r, "persistent words")).await.unwrap();
+        expect_groupchat(&mut alice, "persistent words").await;
+        // Destroying a persistent room deletes its archive too.
+        iq_ok(
+            &mut alice,
+            &format!("<iq xmlns='jabber:client' type='set' to='{r}'><query xmlns='{MUC_OWNER}'><destroy/></query></iq>"),
+        )
+        .await;
+        unavailable_from(&mut alice, &format!("{r}/alice")).await;
+        create_instant(&mut alice, &r, "alice").await;
+        let (res, _) = query(&mut alice, &r, "").await;
+        assert!(res.is_empty(), "destroyed room's archive gone");
     })
     .await;
 }

@@ -1,17 +1,16 @@
 //! Multi-user chat storage: persistent rooms (configuration, subject),
-//! their affiliations, the per-service secret that makes occupant ids stable
-//! (XEP-0421), and room archives (XEP-0313 on the room JID).
+//! their affiliations, and the per-service secret that makes occupant ids
+//! stable (XEP-0421). Room archives live in the server's message archive
+//! (`storage::archive`, owner = the room's bare JID).
 //!
 //! Room configuration is stored as JSON owned by the MUC module; the name and
 //! the public flag are kept in columns too so the service can list rooms
-//! without loading them. Archive rows are keyed by (room, id) where the id is
-//! the stanza-id: microseconds since the epoch, strictly increasing per room,
-//! so time ranges and RSM paging are both ranges of the primary key.
+//! without loading them.
 
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{Store, StoreError, StoreResult, now_micros};
+use super::{Store, StoreResult, now_micros};
 use crate::with_pool;
 
 /// The stored state of a persistent room (without its archive).
@@ -46,56 +45,6 @@ pub struct RoomListing {
     pub public: bool,
 }
 
-/// Kinds of archived room messages.
-pub const ARCHIVE_MESSAGE: i64 = 0;
-pub const ARCHIVE_SUBJECT: i64 = 1;
-
-/// One archived room message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchiveRow {
-    /// The room's bare JID.
-    pub room: String,
-    /// The stanza-id: microseconds since the epoch, unique per room.
-    pub id: i64,
-    /// [`ARCHIVE_MESSAGE`] or [`ARCHIVE_SUBJECT`].
-    pub kind: i64,
-    pub nick: String,
-    /// The sender's real full JID.
-    pub sender: String,
-    pub occupant_id: String,
-    /// The message as reflected to occupants (without `to`), serialised.
-    pub stanza: Vec<u8>,
-}
-
-/// A page request on a room archive. Bounds are exclusive for ids
-/// (`after`/`before` of RSM) and inclusive for times.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ArchiveQuery {
-    pub start: Option<i64>,
-    pub end: Option<i64>,
-    pub after_id: Option<i64>,
-    pub before_id: Option<i64>,
-    /// Only these ids (XEP-0313 `ids` filter).
-    pub ids: Option<Vec<i64>>,
-    /// Only messages from this nickname.
-    pub nick: Option<String>,
-    /// Only messages from this real bare JID.
-    pub sender_bare: Option<String>,
-    /// Only these kinds (None: all).
-    pub kinds: Option<Vec<i64>>,
-    pub limit: usize,
-    /// Take the newest `limit` matches (RSM `<before/>`) instead of the oldest.
-    pub from_end: bool,
-}
-
-/// A page of archive results in chronological order, and whether more
-/// matches exist beyond it in the direction of the query.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ArchivePage {
-    pub rows: Vec<ArchiveRow>,
-    pub more: bool,
-}
-
 #[async_trait]
 pub trait MucStore {
     /// The secret of a MUC service (created at first use).
@@ -128,15 +77,6 @@ pub trait MucStore {
     async fn list_rooms(&self, service: &str) -> StoreResult<Vec<RoomListing>>;
     /// Persistent rooms of this service where `jid` is an owner.
     async fn count_owned_rooms(&self, service: &str, jid: &str) -> StoreResult<u64>;
-
-    async fn archive_insert(&self, rows: &[ArchiveRow]) -> StoreResult<()>;
-    async fn archive_last_id(&self, room: &str) -> StoreResult<Option<i64>>;
-    async fn archive_query(&self, room: &str, q: &ArchiveQuery) -> StoreResult<ArchivePage>;
-    /// Whether an id exists in the room archive.
-    async fn archive_has_id(&self, room: &str, id: i64) -> StoreResult<bool>;
-    async fn archive_delete_room(&self, room: &str) -> StoreResult<()>;
-    /// Keep only the newest `keep` messages of a room.
-    async fn archive_trim(&self, room: &str, keep: u64) -> StoreResult<u64>;
 }
 
 fn bool_of(v: i64) -> bool {
@@ -339,194 +279,12 @@ impl MucStore for Store {
             Ok(n.max(0) as u64)
         })
     }
-
-    async fn archive_insert(&self, rows: &[ArchiveRow]) -> StoreResult<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        // Multi-row inserts in chunks; `?` placeholders for SQLite (see
-        // DEPENDENCIES.md 3.3), `$n` for PostgreSQL.
-        for chunk in rows.chunks(100) {
-            let mut q = String::from(
-                "INSERT INTO muc_archive (room, id, kind, nick, sender, occupant_id, stanza) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    q.push(',');
-                }
-                if self.is_sqlite() {
-                    q.push_str("(?, ?, ?, ?, ?, ?, ?)");
-                } else {
-                    let b = i * 7;
-                    q.push_str(&format!(
-                        "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4,
-                        b + 5,
-                        b + 6,
-                        b + 7
-                    ));
-                }
-            }
-            q.push_str(" ON CONFLICT DO NOTHING");
-            with_pool!(self, pool => {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(q.clone()));
-                for r in chunk {
-                    query = query
-                        .bind(&r.room)
-                        .bind(r.id)
-                        .bind(r.kind)
-                        .bind(&r.nick)
-                        .bind(&r.sender)
-                        .bind(&r.occupant_id)
-                        .bind(&r.stanza);
-                }
-                query.execute(pool).await?;
-            });
-        }
-        Ok(())
-    }
-
-    async fn archive_last_id(&self, room: &str) -> StoreResult<Option<i64>> {
-        let q = "SELECT MAX(id) AS id FROM muc_archive WHERE room = $1";
-        with_pool!(self, pool => {
-            let row = sqlx::query(q).bind(room).fetch_one(pool).await?;
-            Ok(row.try_get::<Option<i64>, _>("id")?)
-        })
-    }
-
-    async fn archive_query(&self, room: &str, aq: &ArchiveQuery) -> StoreResult<ArchivePage> {
-        let mut sql = String::from(
-            "SELECT room, id, kind, nick, sender, occupant_id, stanza FROM muc_archive WHERE room = $1",
-        );
-        // Integer conditions are formatted into the text (they are i64s, not
-        // user strings); the string filters are bound.
-        if let Some(s) = aq.start {
-            sql.push_str(&format!(" AND id >= {s}"));
-        }
-        if let Some(e) = aq.end {
-            sql.push_str(&format!(" AND id <= {e}"));
-        }
-        if let Some(a) = aq.after_id {
-            sql.push_str(&format!(" AND id > {a}"));
-        }
-        if let Some(b) = aq.before_id {
-            sql.push_str(&format!(" AND id < {b}"));
-        }
-        if let Some(ids) = &aq.ids {
-            if ids.is_empty() {
-                return Ok(ArchivePage::default());
-            }
-            let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-            sql.push_str(&format!(" AND id IN ({})", list.join(",")));
-        }
-        if let Some(kinds) = &aq.kinds {
-            if kinds.is_empty() {
-                return Ok(ArchivePage::default());
-            }
-            let list: Vec<String> = kinds.iter().map(|i| i.to_string()).collect();
-            sql.push_str(&format!(" AND kind IN ({})", list.join(",")));
-        }
-        let mut binds: Vec<&str> = Vec::new();
-        if let Some(n) = &aq.nick {
-            binds.push(n);
-            sql.push_str(&format!(" AND nick = ${}", binds.len() + 1));
-        }
-        if let Some(s) = &aq.sender_bare {
-            binds.push(s);
-            // The sender column holds full JIDs: match the bare part.
-            sql.push_str(&format!(
-                " AND (sender = ${n} OR substr(sender, 1, length(${n}) + 1) = ${n} || '/')",
-                n = binds.len() + 1
-            ));
-        }
-        let limit = aq.limit.min(100_000);
-        sql.push_str(if aq.from_end {
-            " ORDER BY id DESC"
-        } else {
-            " ORDER BY id ASC"
-        });
-        sql.push_str(&format!(" LIMIT {}", limit + 1));
-        let mut rows: Vec<ArchiveRow> = with_pool!(self, pool => {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(room);
-            for b in &binds {
-                query = query.bind(*b);
-            }
-            let rows = query.fetch_all(pool).await?;
-            rows.iter()
-                .map(|r| -> StoreResult<ArchiveRow> {
-                    Ok(ArchiveRow {
-                        room: r.try_get("room")?,
-                        id: r.try_get("id")?,
-                        kind: r.try_get("kind")?,
-                        nick: r.try_get("nick")?,
-                        sender: r.try_get("sender")?,
-                        occupant_id: r.try_get("occupant_id")?,
-                        stanza: r.try_get("stanza")?,
-                    })
-                })
-                .collect::<StoreResult<Vec<_>>>()?
-        });
-        let more = rows.len() > limit;
-        rows.truncate(limit);
-        if aq.from_end {
-            rows.reverse();
-        }
-        Ok(ArchivePage { rows, more })
-    }
-
-    async fn archive_has_id(&self, room: &str, id: i64) -> StoreResult<bool> {
-        let q = "SELECT 1 AS one FROM muc_archive WHERE room = $1 AND id = $2";
-        with_pool!(self, pool => Ok(sqlx::query(q).bind(room).bind(id).fetch_optional(pool).await?.is_some()))
-    }
-
-    async fn archive_delete_room(&self, room: &str) -> StoreResult<()> {
-        with_pool!(self, pool => {
-            sqlx::query("DELETE FROM muc_archive WHERE room = $1")
-                .bind(room)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
-    }
-
-    async fn archive_trim(&self, room: &str, keep: u64) -> StoreResult<u64> {
-        let keep = i64::try_from(keep).map_err(|_| StoreError::Corrupt("keep".into()))?;
-        let q = "SELECT id FROM muc_archive WHERE room = $1 ORDER BY id DESC LIMIT 1 OFFSET $2";
-        with_pool!(self, pool => {
-            let Some(row) = sqlx::query(q).bind(room).bind(keep).fetch_optional(pool).await? else {
-                return Ok(0);
-            };
-            let cut: i64 = row.try_get("id")?;
-            let n = sqlx::query("DELETE FROM muc_archive WHERE room = $1 AND id <= $2")
-                .bind(room)
-                .bind(cut)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            Ok(n)
-        })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::testing::for_each_store;
-
-    fn row(room: &str, id: i64, nick: &str, kind: i64) -> ArchiveRow {
-        ArchiveRow {
-            room: room.into(),
-            id,
-            kind,
-            nick: nick.into(),
-            sender: format!("{nick}@x.test/r"),
-            occupant_id: format!("occ-{nick}"),
-            stanza: format!("<message><body>{id}</body></message>").into_bytes(),
-        }
-    }
 
     #[tokio::test]
     async fn rooms_and_affiliations_on_every_backend() {
@@ -616,165 +374,6 @@ mod tests {
             assert_eq!(secret.len(), 32);
             assert_eq!(store.muc_secret(s).await.unwrap(), secret, "stable");
             assert_ne!(store.muc_secret("other").await.unwrap(), secret);
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn archive_paging_on_every_backend() {
-        for_each_store(|store| async move {
-            let room = "r@conference.x.test";
-            assert_eq!(store.archive_last_id(room).await.unwrap(), None);
-            let rows: Vec<ArchiveRow> = (1..=250)
-                .map(|i| {
-                    row(
-                        room,
-                        i * 10,
-                        if i % 2 == 0 { "even" } else { "odd" },
-                        if i % 50 == 0 {
-                            ARCHIVE_SUBJECT
-                        } else {
-                            ARCHIVE_MESSAGE
-                        },
-                    )
-                })
-                .collect();
-            store.archive_insert(&rows).await.unwrap();
-            store
-                .archive_insert(&[row("other@conference.x.test", 5, "z", 0)])
-                .await
-                .unwrap();
-            // Inserting the same id again is ignored.
-            store.archive_insert(&rows[..1]).await.unwrap();
-            assert_eq!(store.archive_last_id(room).await.unwrap(), Some(2500));
-            assert!(store.archive_has_id(room, 20).await.unwrap());
-            assert!(!store.archive_has_id(room, 25).await.unwrap());
-
-            let q = ArchiveQuery {
-                limit: 10,
-                ..Default::default()
-            };
-            let p = store.archive_query(room, &q).await.unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                (1..=10).map(|i| i * 10).collect::<Vec<_>>()
-            );
-            assert!(p.more);
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 3,
-                        from_end: true,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                vec![2480, 2490, 2500]
-            );
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 3,
-                        from_end: true,
-                        before_id: Some(2480),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                vec![2450, 2460, 2470]
-            );
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 100,
-                        after_id: Some(2450),
-                        nick: Some("even".into()),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                vec![2460, 2480, 2500]
-            );
-            assert!(!p.more);
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 100,
-                        start: Some(100),
-                        end: Some(130),
-                        sender_bare: Some("odd@x.test".into()),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                vec![110, 130]
-            );
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 100,
-                        kinds: Some(vec![ARCHIVE_SUBJECT]),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(p.rows.len(), 5);
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 100,
-                        ids: Some(vec![20, 40, 45]),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                p.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-                vec![20, 40]
-            );
-            assert_eq!(p.rows[0].stanza, rows[1].stanza);
-
-            assert_eq!(store.archive_trim(room, 200).await.unwrap(), 50);
-            let p = store
-                .archive_query(
-                    room,
-                    &ArchiveQuery {
-                        limit: 1,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(p.rows[0].id, 510);
-            store.archive_delete_room(room).await.unwrap();
-            assert_eq!(store.archive_last_id(room).await.unwrap(), None);
-            assert_eq!(
-                store
-                    .archive_last_id("other@conference.x.test")
-                    .await
-                    .unwrap(),
-                Some(5)
-            );
         })
         .await;
     }

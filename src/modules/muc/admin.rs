@@ -6,10 +6,11 @@
 use jid::{BareJid, Jid};
 use minidom::Element;
 
-use super::archive::{MamQuery, run_metadata, run_query};
+use super::archive::{run_metadata, run_query};
 use super::form::{Form, FormBuilder};
 use super::room::{AffEntry, Extra, Room};
 use super::types::*;
+use crate::modules::mam::query::{mam_ns, parse_query, query_form};
 use crate::stanza::{StanzaError, name};
 use crate::xml::ns;
 
@@ -742,9 +743,6 @@ impl Room {
                     .await;
             }
         }
-        if self.config.archive && !old.archive && self.history.is_empty() {
-            let _ = old;
-        }
         if !was_locked && self.config != old {
             let mut codes = vec![status::CONFIG_CHANGED];
             if self.config.archive != old.archive {
@@ -909,47 +907,44 @@ impl Room {
         true
     }
 
-    /// Ok(true): answered by a task; Ok(false): answer with the form.
+    /// Ok(Some(form)): answer with the query form; Ok(None): answered by a
+    /// task of its own.
     pub(crate) fn mam_iq(
         &mut self,
         iq: &Element,
         from: &Jid,
         q: &Element,
         is_set: bool,
-    ) -> Result<bool, StanzaError> {
+    ) -> Result<Option<Element>, StanzaError> {
         if !self.config.archive {
             return Err(StanzaError::service_unavailable().with_text("this room keeps no archive"));
         }
         if !self.may_read_archive(from) {
             return Err(StanzaError::forbidden().with_text("you may not read this room's archive"));
         }
-        let writer = self.core.archive.clone();
-        if !is_set && q.is("metadata", ns::MAM) {
-            let server = self.server.clone();
-            let room = self.jid_str.clone();
-            let iq = iq.clone();
-            self.server
-                .tasks
-                .spawn(async move { run_metadata(server, writer, room, iq).await });
-            return Ok(true);
-        }
-        if !q.is("query", ns::MAM) {
+        let Some(qns) = mam_ns(q) else {
             return Err(StanzaError::bad_request());
-        }
-        if !is_set {
-            return Ok(false);
-        }
-        let mq = MamQuery::parse(q, &self.jid_str, self.core.cfg.archive_page_limit)?;
-        let show = self.sees_jids(from);
-        if mq.with_real && !show {
-            return Err(StanzaError::forbidden().with_text("you may not filter by real JID here"));
-        }
+        };
         let server = self.server.clone();
         let room = self.jid_str.clone();
         let iq = iq.clone();
+        if !is_set && q.name() == "metadata" {
+            self.server
+                .tasks
+                .spawn(async move { run_metadata(server, room, iq).await });
+            return Ok(None);
+        }
+        if q.name() != "query" {
+            return Err(StanzaError::bad_request());
+        }
+        if !is_set {
+            return Ok(Some(query_form(qns, false)));
+        }
+        let mq = parse_query(q)?;
+        let show = self.sees_jids(from);
         self.server
             .tasks
-            .spawn(async move { run_query(server, writer, room, iq, mq, show).await });
-        Ok(true)
+            .spawn(async move { run_query(server, room, iq, mq, show).await });
+        Ok(None)
     }
 }

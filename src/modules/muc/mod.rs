@@ -7,8 +7,9 @@
 //! - [`room`]: one actor per live room (its own task, a bounded mailbox),
 //!   the occupant use cases and the fan-out;
 //! - [`admin`]: roles, affiliations, configuration, registration, archive
-//!   queries;
-//! - [`archive`]: the archive writer, history on join, XEP-0313 queries;
+//!   access;
+//! - [`archive`]: room archives on the server's message archive
+//!   (src/modules/mam), history on join, XEP-0313 queries;
 //! - [`roomconfig`] and [`form`]: the room configuration form (XEP-0004).
 //!
 //! Joining without `<x xmlns='http://jabber.org/protocol/muc'/>` (the old
@@ -69,10 +70,9 @@ impl Module for Muc {
         if !cfg.muc.enabled {
             return;
         }
-        let writer = archive::ArchiveWriter::start(server, cfg.muc.archive_max_messages);
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         for domain in cfg.muc_domains() {
-            let core = ServiceCore::new(domain.clone(), cfg.muc.clone(), writer.clone());
+            let core = ServiceCore::new(domain.clone(), cfg.muc.clone());
             server.register_service(&domain, Arc::new(MucService { core: core.clone() }));
             tracing::info!(%domain, "multi-user chat service started");
             services.push(core);

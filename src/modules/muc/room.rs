@@ -32,7 +32,7 @@ use crate::config::RoomCreation;
 use crate::server::Server;
 use crate::sessions::{Session, SessionMsg, SharedStanza, shared_msg};
 use crate::stanza::{self, ErrorType, Kind, StanzaError, name};
-use crate::storage::muc::{ARCHIVE_MESSAGE, ARCHIVE_SUBJECT, ArchiveQuery, ArchiveRow, StoredRoom};
+use crate::storage::muc::StoredRoom;
 use crate::storage::{MucStore, StoreError, now_micros};
 use crate::xml::ns;
 
@@ -410,38 +410,18 @@ impl Room {
                     },
                 );
             }
-            room.last_id = store.archive_last_id(&room.jid_str).await?.unwrap_or(0);
-            room.load_history().await?;
+            if room.config.archive {
+                room.history = super::archive::load_history(
+                    &room.server,
+                    &room.jid_str,
+                    room.core.cfg.max_history,
+                )
+                .await?;
+                room.last_id = room.history.back().map(|h| h.id).unwrap_or(0);
+            }
             room.publish_listing();
         }
         Ok(room)
-    }
-
-    /// Fill the history ring from the archive.
-    async fn load_history(&mut self) -> Result<(), StoreError> {
-        self.history.clear();
-        if !self.config.archive {
-            return Ok(());
-        }
-        let q = ArchiveQuery {
-            kinds: Some(vec![ARCHIVE_MESSAGE]),
-            limit: self.core.cfg.max_history,
-            from_end: true,
-            ..Default::default()
-        };
-        let page = self.server.store.archive_query(&self.jid_str, &q).await?;
-        for row in page.rows {
-            let Ok(text) = std::str::from_utf8(&row.stanza) else {
-                continue;
-            };
-            match text.parse::<Element>() {
-                Ok(el) => self.history.push_back(HistItem::new(row.id, el)),
-                Err(e) => {
-                    tracing::warn!(room = %self.jid, id = row.id, error = %e, "archived stanza skipped")
-                }
-            }
-        }
-        Ok(())
     }
 
     pub(crate) fn publish_listing(&self) {
@@ -1498,7 +1478,7 @@ impl Room {
             }
             self.persisted = false;
         }
-        self.core.archive.delete_room(&self.jid_str).await;
+        super::archive::delete(&self.server, &self.jid_str).await;
         self.destroyed = true;
         self.exists = false;
         self.history.clear();
@@ -1633,9 +1613,7 @@ impl Room {
 
     async fn on_groupchat(&mut self, m: Element, from: FullJid, nick: String) {
         let role = self.occupants[&nick].role;
-        let is_subject = m.has_child("subject", ns::CLIENT)
-            && !m.has_child("body", ns::CLIENT)
-            && !m.has_child("thread", ns::CLIENT);
+        let is_subject = super::archive::is_subject_change(&m);
         if is_subject {
             let allowed = role == Role::Moderator
                 || (self.config.change_subject && role >= Role::Participant);
@@ -1679,7 +1657,6 @@ impl Room {
                 return;
             }
         }
-        let id = self.next_id();
         let occ_id = self.occupants[&nick].occupant_id.clone();
         let mut out = stanza::build(
             "message",
@@ -1706,16 +1683,16 @@ impl Room {
             }
             out.append_child(c.clone());
         }
-        let archived = self.config.archive && (is_subject || archivable(&out));
-        if archived {
-            out.append_child(
-                Element::builder("stanza-id", ns::SID)
-                    .attr(name("id"), id.to_string())
-                    .attr(name("by"), self.jid_str.as_str())
-                    .build(),
-            );
-        }
         out.append_child(occupant_id_el(&occ_id));
+        let mut id = self.next_id();
+        if self.config.archive
+            && (is_subject || archivable(&out))
+            && let Some(aid) =
+                super::archive::append(&self.server, &self.jid_str, &nick, &from, &mut out).await
+        {
+            id = aid.micros();
+            self.last_id = self.last_id.max(id);
+        }
         if is_subject {
             self.subject = Subject {
                 text: out
@@ -1729,30 +1706,13 @@ impl Room {
             if self.persisted {
                 self.persist_room().await;
             }
-        } else if !m.has_child("body", ns::CLIENT) && !archivable(&out) {
-            // Chat states and the like: reflected, not kept.
-        } else {
+        } else if archivable(&out) {
             self.history.push_back(HistItem::new(id, out.clone()));
             while self.history.len() > self.core.cfg.max_history {
                 self.history.pop_front();
             }
         }
-        if archived {
-            let row = ArchiveRow {
-                room: self.jid_str.clone(),
-                id,
-                kind: if is_subject {
-                    ARCHIVE_SUBJECT
-                } else {
-                    ARCHIVE_MESSAGE
-                },
-                nick: nick.clone(),
-                sender: from.to_string(),
-                occupant_id: occ_id,
-                stanza: crate::xml::serialize(&out),
-            };
-            self.core.archive.insert(row).await;
-        }
+        // Chat states and the like are reflected, not kept.
         let st = Arc::new(SharedStanza::new(out));
         self.fanout(&st);
     }
@@ -2142,9 +2102,9 @@ impl Room {
             (ns::MUC_ADMIN, _) => self.admin_iq(&from, &payload, is_set).await,
             (ns::MUC_OWNER, _) => self.owner_iq(&from, &payload, is_set).await,
             (NS_REGISTER, _) => self.register_iq(&from, &payload, is_set).await,
-            (ns::MAM, _) => match self.mam_iq(&iq, &from, &payload, is_set) {
-                Ok(true) => return, // answered by the query task
-                Ok(false) => Ok(Some(super::archive::query_form())),
+            (ns::MAM | ns::MAM1, _) => match self.mam_iq(&iq, &from, &payload, is_set) {
+                Ok(Some(form)) => Ok(Some(form)),
+                Ok(None) => return, // answered by the query task
                 Err(e) => Err(e),
             },
             _ => Err(StanzaError::service_unavailable()),

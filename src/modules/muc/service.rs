@@ -13,7 +13,6 @@ use minidom::Element;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::archive::ArchiveWriter;
 use super::room;
 use super::types::{NS_MUC_STABLE_ID, NS_OCCUPANT_ID};
 use crate::config::MucConfig;
@@ -51,12 +50,11 @@ pub struct ServiceCore {
     /// Live rooms as listed in disco#items: node -> (public, name).
     listing: Mutex<HashMap<String, (bool, String)>>,
     secret: tokio::sync::OnceCell<Arc<[u8]>>,
-    pub(crate) archive: ArchiveWriter,
     generation: AtomicU64,
 }
 
 impl ServiceCore {
-    pub(crate) fn new(domain: String, cfg: MucConfig, archive: ArchiveWriter) -> Arc<Self> {
+    pub(crate) fn new(domain: String, cfg: MucConfig) -> Arc<Self> {
         Arc::new(ServiceCore {
             domain,
             cfg,
@@ -65,7 +63,6 @@ impl ServiceCore {
             temp_owned: Mutex::new(HashMap::new()),
             listing: Mutex::new(HashMap::new()),
             secret: tokio::sync::OnceCell::new(),
-            archive,
             generation: AtomicU64::new(0),
         })
     }

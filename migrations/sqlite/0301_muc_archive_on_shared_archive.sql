@@ -1,0 +1,3 @@
+-- Room archives moved to the shared message archive (archive table, owner =
+-- the room's bare JID).
+DROP TABLE muc_archive;
