@@ -143,6 +143,11 @@ direct_tls = ["127.0.0.1:{ports[1]}"]
 [tls]
 cert_dir = "{work / 'certs'}"
 
+[s2s]
+# Federation listener on loopback only, on a port of its own (the default,
+# 0.0.0.0:5269, could collide with another server on this machine).
+listen = ["127.0.0.1:{ports[2]}"]
+
 [database]
 url = "{db_url}"
 
@@ -170,7 +175,7 @@ def run_backend(run: Run, backend: str, suites: list[str], versions: dict) -> No
                     "fail" if strict else "skip", f"cannot create a database at {admin_url}: {err}")
             return
         db_url = with_database(admin_url, pg_db)
-    ports = free_ports(2)
+    ports = free_ports(3)  # c2s STARTTLS, c2s direct TLS, s2s
     cfg = work / "starling.toml"
     write_config(cfg, work, ports, db_url)
     server_log = work / "server.log"
