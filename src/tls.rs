@@ -170,16 +170,32 @@ pub fn s2s_client_config(
     local_domain: &str,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    s2s_client_config_with(certs, local_domain, alpn, true)
+}
+
+/// As [`s2s_client_config`]; without `present_cert` no client certificate
+/// is offered (for a retry with dialback after a peer dropped the stream
+/// over our certificate).
+pub fn s2s_client_config_with(
+    certs: &Arc<CertStore>,
+    local_domain: &str,
+    alpn: &[&[u8]],
+    present_cert: bool,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = crypto_provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Setup(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(DeferredVerifier(provider)))
-        .with_client_cert_resolver(Arc::new(ClientCertResolver {
+        .with_custom_certificate_verifier(Arc::new(DeferredVerifier(provider)));
+    let mut cfg = if present_cert {
+        builder.with_client_cert_resolver(Arc::new(ClientCertResolver {
             certs: certs.clone(),
             domain: local_domain.to_owned(),
-        }));
+        }))
+    } else {
+        builder.with_no_client_auth()
+    };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

@@ -31,7 +31,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 # Every module in suites/ is a suite; these run first, in this order.
-SUITE_ORDER = ["slixmpp_suite", "nbxmpp_suite", "sendxmpp_suite", "compliance", "peer_prosody"]
+SUITE_ORDER = ["slixmpp_suite", "nbxmpp_suite", "sendxmpp_suite", "compliance", "peer_prosody",
+               "peer_ejabberd"]
 _found = sorted(p.stem for p in (HERE / "suites").glob("*.py") if not p.stem.startswith("_"))
 SUITES = [s for s in SUITE_ORDER if s in _found] + [s for s in _found if s not in SUITE_ORDER]
 SUITE_TIMEOUT = float(os.environ.get("CONFORMANCE_SUITE_TIMEOUT", "240"))
@@ -415,7 +416,9 @@ def tool_versions() -> dict:
     except Exception:
         pass
     for name, cmd in [("go-sendxmpp", ["dpkg-query", "-W", "-f=${Version}", "go-sendxmpp"]),
-                      ("prosody", ["dpkg-query", "-W", "-f=${Version}", "prosody"])]:
+                      ("prosody", ["dpkg-query", "-W", "-f=${Version}", "prosody"]),
+                      ("ejabberd", ["dpkg-query", "-W", "-f=${Version}", "ejabberd"]),
+                      ("dnsmasq", ["dpkg-query", "-W", "-f=${Version}", "dnsmasq-base"])]:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             if r.returncode == 0 and r.stdout:

@@ -53,8 +53,19 @@ def make_cert(cert_dir: Path, domain: str) -> Path:
 class Prosody:
     def __init__(self, work: Path, domain: str, *, interface: str = "127.0.0.1",
                  c2s_port: int, s2s_port: int, direct_tls_port: int | None = None,
-                 muc: bool = True, extra_config: str = ""):
+                 muc: bool = True, extra_config: str = "",
+                 cert: tuple[Path, Path] | None = None, client_cafile: Path | None = None,
+                 s2s_cafile: Path | None = None, resolv_conf: Path | None = None):
+        """For federation: `cert` = (chain, key) instead of a self-signed
+        certificate, `client_cafile` what clients trust then, `s2s_cafile`
+        the CA Prosody trusts for peers, `resolv_conf` a resolv.conf
+        bind-mounted over /etc/resolv.conf in a private mount namespace
+        (Prosody's resolver reads only that file; see PEERS.md)."""
         self.work = work
+        self.cert = cert
+        self.client_cafile = client_cafile
+        self.s2s_cafile = s2s_cafile
+        self.resolv_conf = resolv_conf
         self.domain = domain
         self.interface = interface
         self.c2s_port = c2s_port
@@ -71,7 +82,24 @@ class Prosody:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "data").mkdir(exist_ok=True)
         certs = self.work / "certs"
-        self.cafile = make_cert(certs, self.domain)
+        if self.cert:
+            certs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.cert[0], certs / f"{self.domain}.crt")
+            shutil.copy(self.cert[1], certs / f"{self.domain}.key")
+            self.cafile = self.client_cafile or certs / f"{self.domain}.crt"
+        else:
+            self.cafile = make_cert(certs, self.domain)
+        s2s = ""
+        if self.s2s_cafile or self.resolv_conf:
+            # Federation on loopback: TLS required, certificates checked
+            # against our test CA, dialback for the rest; libunbound (when
+            # installed) must not answer *.test itself (PEERS.md).
+            s2s = f'''
+s2s_require_encryption = true
+s2s_timeout = 20
+ssl = {{ cafile = "{self.s2s_cafile or self.cafile}" }}
+unbound = {{ resolvconf = "{self.resolv_conf or '/etc/resolv.conf'}"; hoststxt = false; options = {{ ["local-zone:"] = "test. transparent" }} }}
+'''
         root = "true" if os.geteuid() == 0 else "false"
         direct = f"{{ {self.direct_tls_port} }}" if self.direct_tls_port else "{ }"
         muc = ""
@@ -103,8 +131,9 @@ s2s_secure_auth = false
 modules_enabled = {{
     "roster"; "saslauth"; "tls"; "disco"; "carbons"; "pep"; "private"; "blocklist";
     "vcard4"; "vcard_legacy"; "version"; "uptime"; "time"; "ping"; "mam"; "csi_simple";
-    "smacks"; "offline";
+    "smacks"; "offline"; "dialback";
 }}
+{s2s}
 {self.extra_config}
 VirtualHost "{self.domain}"
     ssl = {{ certificate = "{certs}/{self.domain}.crt"; key = "{certs}/{self.domain}.key" }}
@@ -115,8 +144,13 @@ VirtualHost "{self.domain}"
         import socket
         self.write_config()
         logf = open(self.work / "prosody.stdout", "w")
-        self.proc = spawn(["prosody", "--config", str(self.config)],
-                          stdout=logf, stderr=subprocess.STDOUT, cwd=self.work)
+        args = ["prosody", "--config", str(self.config)]
+        if self.resolv_conf:
+            # unshare execs sh, which execs prosody: the PID stays Prosody's.
+            args = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f'mount --bind "{self.resolv_conf}" /etc/resolv.conf && exec prosody '
+                    f'--config "{self.config}"']
+        self.proc = spawn(args, stdout=logf, stderr=subprocess.STDOUT, cwd=self.work)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

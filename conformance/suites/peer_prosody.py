@@ -7,23 +7,20 @@ stopped by PID. The first case proves the harness itself (Prosody starts and
 a slixmpp client logs in and talks to it), so the federation cases can rely
 on it.
 
-Federation: Starling has s2s now (tested in-process by its own tests), but
-this run does not yet give the two servers routes to each other, so the
-federation case reports `skip` with that reason. To wire it up: start
-Prosody with `s2s_port`, give Starling `[s2s.hosts] "peer.localhost" =
-["127.0.0.1:<port>"]` in the run's config (harness/orchestrate.py,
-write_config), give Prosody a way back to Starling's domain (a private
-dnsmasq with SRV records, or Starling on 127.0.0.x:5269; PEERS.md), then
-message both ways between `ctx.new_account()` and `peer.register()`
-accounts, and add MUC, presence and bounce cases.
+The federation cases (harness/federation_cases.py) run Starling and Prosody
+on their own domains and loopback addresses, resolved through real SRV
+records from dnsmasq, with certificates from a test CA: chat, presence
+subscriptions, rooms on either server, errors, offline delivery, once with
+SASL EXTERNAL and once with dialback.
 """
 
 from __future__ import annotations
 
+import atexit
 import secrets
 from pathlib import Path
 
-from harness import prosody
+from harness import federation_cases, prosody
 from harness.slix import Client
 from harness.suite import Account, Fail, Skip, Suite, check
 
@@ -86,17 +83,23 @@ async def peer_harness(ctx):
             raise Fail(f"prosody exited with status {code}; see {peer.log}")
 
 
-@suite.case("federation: messages both ways between Starling and Prosody (s2s)")
-async def federation(ctx):
-    example = Path(ctx.repo_root) / "starling.example.toml"
-    if "[s2s]" not in example.read_text():
-        raise Skip("Starling has no federation yet (no [s2s] section in starling.example.toml)")
-    # Starling has s2s now (its own in-process tests cover it); driving it
-    # against this Prosody needs both sides to find each other: [s2s.hosts]
-    # on Starling's side, and for Prosody (no static host map) SRV records
-    # from a private dnsmasq or fixed 127.0.0.x addresses (PEERS.md).
-    raise Skip("not wired up yet: Starling has [s2s], but the run does not yet give Prosody a "
-               "route back to Starling (dnsmasq SRV or 127.0.0.x on port 5269, see PEERS.md)")
+# Federation with this Prosody's sibling: Starling on starling.test and
+# Prosody on prosody.test, each on its own loopback address, found through
+# SRV records served by dnsmasq, certificates from a test CA
+# (harness/federation.py); first with the CA trusted (SASL EXTERNAL), then
+# with every server trusting another CA (dialback).
+federation_cases.register(suite, "prosody", ["external", "dialback"])
+
+
+@suite.case("federation: every server stopped cleanly, Starling never panicked", timeout=60)
+def federation_shutdown(ctx):
+    if ctx.backend != "sqlite":
+        raise Skip("federation runs on the sqlite pass")
+    problems = federation_cases.stop_all()
+    check(not problems, "; ".join(problems))
+
+
+atexit.register(federation_cases.stop_all)
 
 
 if __name__ == "__main__":

@@ -565,7 +565,7 @@ impl OutTask {
         }
         let tls = self
             .s2s
-            .client_tls(&self.server, &self.local, true)
+            .client_tls(&self.server, &self.local, true, self.try_external)
             .map_err(|e| e.to_string())?;
         let name = server_name(&self.remote)?;
         let connector = tokio_rustls::TlsConnector::from(tls);
@@ -843,7 +843,12 @@ impl OutTask {
                 O::Send(el) => conn.send_element(&el),
                 O::StartTls => {
                     *resets += 1;
-                    let cfg = match self.s2s.client_tls(&self.server, &self.local, false) {
+                    let cfg = match self.s2s.client_tls(
+                        &self.server,
+                        &self.local,
+                        false,
+                        self.try_external,
+                    ) {
                         Ok(c) => c,
                         Err(e) => {
                             return Some(End::Failed(failure(

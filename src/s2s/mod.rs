@@ -86,7 +86,7 @@ pub struct S2s {
     pub secret: Arc<Vec<u8>>,
     /// Server TLS configurations: STARTTLS, direct TLS (ALPN xmpp-server).
     pub server_tls: [Arc<rustls::ServerConfig>; 2],
-    client_tls: Mutex<HashMap<(String, bool), Arc<rustls::ClientConfig>>>,
+    client_tls: Mutex<HashMap<(String, bool, bool), Arc<rustls::ClientConfig>>>,
     routes: Mutex<HashMap<(String, String), Route>>,
     unreachable: Mutex<HashMap<String, Unreachable>>,
     /// Remote domains that dropped the stream during SASL EXTERNAL: use
@@ -159,19 +159,21 @@ impl S2s {
         }))
     }
 
-    /// The TLS client configuration for streams from `local`.
+    /// The TLS client configuration for streams from `local` (with ALPN
+    /// `xmpp-server` for direct TLS; presenting our certificate or not).
     pub fn client_tls(
         &self,
         server: &Server,
         local: &str,
         direct: bool,
+        present_cert: bool,
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let key = (local.to_owned(), direct);
+        let key = (local.to_owned(), direct, present_cert);
         if let Some(c) = lock(&self.client_tls).get(&key) {
             return Ok(c.clone());
         }
         let alpn: &[&[u8]] = if direct { &[b"xmpp-server"] } else { &[] };
-        let c = crate::tls::s2s_client_config(&server.certs, local, alpn)?;
+        let c = crate::tls::s2s_client_config_with(&server.certs, local, alpn, present_cert)?;
         lock(&self.client_tls).insert(key, c.clone());
         Ok(c)
     }
