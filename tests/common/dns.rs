@@ -14,6 +14,8 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 struct Zone {
     srv: HashMap<String, Vec<(u16, u16, u16, String)>>,
     addrs: HashMap<String, Vec<IpAddr>>,
+    /// Every question asked: (name, type).
+    asked: Vec<(String, RecordType)>,
 }
 
 pub struct TestDns {
@@ -82,6 +84,16 @@ impl TestDns {
         self.addr(&host, "127.0.0.1".parse().unwrap());
     }
 
+    /// Was this name asked for with this record type ("SRV", "A", "AAAA")?
+    pub fn was_asked(&self, name: &str, record_type: &str) -> bool {
+        self.zone
+            .lock()
+            .unwrap()
+            .asked
+            .iter()
+            .any(|(n, t)| *n == key(name) && t.to_string() == record_type)
+    }
+
     pub fn clear(&self, name: &str) {
         let mut z = self.zone.lock().unwrap();
         z.srv.remove(&key(name));
@@ -101,7 +113,10 @@ fn answer(zone: &Mutex<Zone>, req: &Message) -> Message {
     resp.metadata.authoritative = true;
     resp.metadata.recursion_desired = req.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
-    let z = zone.lock().unwrap();
+    let mut z = zone.lock().unwrap();
+    for q in &req.queries {
+        z.asked.push((key(&q.name.to_ascii()), q.query_type));
+    }
     let mut known = false;
     for q in &req.queries {
         resp.add_query(q.clone());
